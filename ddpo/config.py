@@ -1,0 +1,264 @@
+"""Run configuration: frozen dataclasses, one docstring per field, and task presets.
+
+A task preset is a function returning a full `Config` with the paper's hyperparameters
+(Black et al. 2023, appendix; ddpo-pytorch's config/dgx.py). With `--model tiny` the same task is
+scaled down (fewer steps and samples, the tiny world's prompts) so that it runs on 2 CPU cores.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+Algorithm = Literal["ddpo_is", "ddpo_sf", "rwr", "sparse_rwr"]
+
+
+@dataclass(frozen=True)
+class SampleConfig:
+    num_steps: int = 50
+    """Denoising steps T per trajectory (DDIM)."""
+    eta: float = 1.0
+    """DDIM eta; 1.0 makes every step a Gaussian with the DDPM posterior variance."""
+    guidance_scale: float = 5.0
+    """Classifier-free guidance weight w, used alike in sampling and training."""
+    batch_size: int = 8
+    """Trajectories per sampler call."""
+    num_batches_per_epoch: int = 4
+    """Sampler calls per epoch, spread over all samplers."""
+
+    def __post_init__(self) -> None:
+        if self.eta <= 0:
+            raise ValueError(f"sample.eta={self.eta}: DDPO needs a stochastic sampler, use eta > 0")
+        for name in ("num_steps", "batch_size", "num_batches_per_epoch"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"sample.{name}={getattr(self, name)} must be at least 1")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    algorithm: Algorithm = "ddpo_is"
+    """ddpo_is (clipped importance sampling), ddpo_sf (score function), rwr or sparse_rwr."""
+    learning_rate: float = 3e-4
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_weight_decay: float = 1e-4
+    adam_epsilon: float = 1e-8
+    batch_size: int = 4
+    """Trajectories per training minibatch."""
+    gradient_accumulation_steps: int = 1
+    """Minibatches per optimizer step."""
+    max_grad_norm: float = 1.0
+    num_inner_epochs: int = 1
+    """Passes over each epoch's samples."""
+    clip_range: float = 1e-4
+    """PPO clip range on the importance ratio (tuned to log-probs averaged over latent dims)."""
+    adv_clip_max: float = 5.0
+    """Advantages are clipped to [-adv_clip_max, adv_clip_max]."""
+    timestep_fraction: float = 1.0
+    """Fraction of each trajectory's (shuffled) steps trained on."""
+    lora_rank: int = 4
+    rwr_beta: float = 1.0
+    """RWR temperature: weights exp(beta * reward), normalised over the batch."""
+    sparse_rwr_quantile: float = 0.9
+    """Sparse RWR keeps the samples whose reward is at least this batch quantile."""
+
+    def __post_init__(self) -> None:
+        if not 0 < self.timestep_fraction <= 1:
+            raise ValueError(f"train.timestep_fraction={self.timestep_fraction} must be in (0, 1]")
+        if self.learning_rate < 0:
+            raise ValueError(f"train.learning_rate={self.learning_rate} must be >= 0")
+        for name in ("batch_size", "gradient_accumulation_steps", "num_inner_epochs", "lora_rank"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"train.{name}={getattr(self, name)} must be at least 1")
+
+
+@dataclass(frozen=True)
+class StatTrackerConfig:
+    per_prompt: bool = True
+    """Normalise rewards per prompt (else over the whole batch)."""
+    buffer_size: int = 16
+    """Rewards kept per prompt."""
+    min_count: int = 16
+    """Below this many rewards for a prompt, the batch's mean and std are used."""
+
+
+@dataclass(frozen=True)
+class Config:
+    task: str = "compressibility"
+    """Task preset (see `ddpo.config.TASKS`)."""
+    model: str = "tiny"
+    """`tiny`, a local diffusers pipeline directory, or a hub id (CompVis/stable-diffusion-v1-4)."""
+    reward: str = "jpeg_compressibility"
+    """Reward function name (see `rewards.REWARDS`)."""
+    prompts: tuple[str, ...] = ()
+    """The prompt set; each sample's prompt is drawn uniformly from it."""
+    epochs: int = 100
+    seed: int = 0
+    num_samplers: int = 1
+    """Sampler actors; sample.num_batches_per_epoch is split over them."""
+    run_dir: Path | None = None
+    """Output directory; default runs/<task>-<time>."""
+    address: str | None = None
+    """Ray address to join; default starts a local Ray instance."""
+    device: str = "cpu"
+    """cpu or cuda."""
+    grid_prompts: int = 4
+    """Fixed prompts (the first of the set) in the start/end image grids."""
+    grid_seeds: int = 4
+    """Fixed seeds per grid prompt."""
+    sample: SampleConfig = field(default_factory=SampleConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    stat_tracker: StatTrackerConfig = field(default_factory=StatTrackerConfig)
+
+    def __post_init__(self) -> None:
+        if not self.prompts:
+            raise ValueError("the prompt set is empty; give a task preset or --prompts FILE")
+        if self.epochs < 0:
+            raise ValueError(f"epochs={self.epochs} must be >= 0")
+        if self.num_samplers < 1:
+            raise ValueError(f"num_samplers={self.num_samplers} must be at least 1")
+        if self.sample.num_batches_per_epoch % self.num_samplers:
+            raise ValueError(
+                f"sample.num_batches_per_epoch={self.sample.num_batches_per_epoch} is not divisible "
+                f"by num_samplers={self.num_samplers}; make it a multiple"
+            )
+        total = self.sample.batch_size * self.sample.num_batches_per_epoch
+        per_step = self.train.batch_size * self.train.gradient_accumulation_steps
+        if total % per_step:
+            raise ValueError(
+                f"{total} samples per epoch (sample.batch_size x num_batches_per_epoch) do not divide "
+                f"into optimizer steps of {per_step} (train.batch_size x "
+                "gradient_accumulation_steps); change one of them"
+            )
+
+    @property
+    def samples_per_epoch(self) -> int:
+        return self.sample.batch_size * self.sample.num_batches_per_epoch
+
+
+# ----- prompt sets -----
+PROMPT_DIR = Path(__file__).parent / "prompts"
+
+
+def read_prompt_file(path: Path | str) -> tuple[str, ...]:
+    """One prompt a line; blank lines and lines starting with # are skipped."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"prompt file {path} does not exist; pass a text file with one prompt a line")
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as err:
+        raise ValueError(f"prompt file {path} is not UTF-8 text ({err}); save it as UTF-8") from err
+    prompts = tuple(s.strip() for s in lines if s.strip() and not s.lstrip().startswith("#"))
+    if not prompts:
+        raise ValueError(f"prompt file {path} holds no prompts; write one prompt a line")
+    return prompts
+
+
+def simple_animals() -> tuple[str, ...]:
+    return read_prompt_file(PROMPT_DIR / "simple_animals.txt")
+
+
+def imagenet_animals() -> tuple[str, ...]:
+    """The 398 animal classes of ImageNet-1k (the paper's compressibility prompts)."""
+    return read_prompt_file(PROMPT_DIR / "imagenet_animals.txt")
+
+
+def animal_activities() -> tuple[str, ...]:
+    """ "a(n) <animal> <activity>" for the 45 simple animals and the paper's 3 activities."""
+    activities = read_prompt_file(PROMPT_DIR / "activities.txt")
+
+    def article(word: str) -> str:
+        return "an" if word[0] in "aeiou" else "a"
+
+    return tuple(f"{article(a)} {a} {act}" for a in simple_animals() for act in activities)
+
+
+def tiny_world() -> tuple[str, ...]:
+    from ddpo.tiny import world
+
+    return tuple(world.all_prompts())
+
+
+# ----- task presets -----
+def compressibility(tiny: bool, reward: str = "jpeg_compressibility") -> Config:
+    if tiny:
+        return Config(
+            task="compressibility" if reward == "jpeg_compressibility" else "incompressibility",
+            model="tiny",
+            reward=reward,
+            prompts=tiny_world(),
+            epochs=20,
+            sample=SampleConfig(num_steps=20, batch_size=8, num_batches_per_epoch=4),
+            train=TrainConfig(learning_rate=1e-3, batch_size=8, gradient_accumulation_steps=2),
+            stat_tracker=StatTrackerConfig(buffer_size=16, min_count=4),
+        )
+    # Paper: 8 GPUs x 8 x 4 samples per epoch, train batch 4, 2 accumulation steps, 100 epochs.
+    return Config(
+        task="compressibility" if reward == "jpeg_compressibility" else "incompressibility",
+        model="CompVis/stable-diffusion-v1-4",
+        reward=reward,
+        prompts=imagenet_animals(),
+        epochs=100,
+        sample=SampleConfig(batch_size=8, num_batches_per_epoch=4),
+        train=TrainConfig(batch_size=4, gradient_accumulation_steps=2),
+    )
+
+
+def incompressibility(tiny: bool) -> Config:
+    return compressibility(tiny, reward="jpeg_incompressibility")
+
+
+def aesthetic(tiny: bool) -> Config:
+    if tiny:
+        return dataclasses.replace(
+            compressibility(tiny=True), task="aesthetic", reward="aesthetic"
+        )
+    # Paper: simple animals, 4 accumulation steps, a 32-long stat buffer, 200 epochs.
+    return Config(
+        task="aesthetic",
+        model="CompVis/stable-diffusion-v1-4",
+        reward="aesthetic",
+        prompts=simple_animals(),
+        epochs=200,
+        sample=SampleConfig(batch_size=8, num_batches_per_epoch=4),
+        train=TrainConfig(batch_size=4, gradient_accumulation_steps=4),
+        stat_tracker=StatTrackerConfig(buffer_size=32, min_count=16),
+    )
+
+
+def alignment(tiny: bool) -> Config:
+    if tiny:
+        return dataclasses.replace(
+            compressibility(tiny=True), task="alignment", reward="alignment"
+        )
+    # Paper: "a(n) <animal> <activity>", 8 x 6 samples per GPU, 6 accumulation steps, 200 epochs.
+    return Config(
+        task="alignment",
+        model="CompVis/stable-diffusion-v1-4",
+        reward="alignment",
+        prompts=animal_activities(),
+        epochs=200,
+        sample=SampleConfig(batch_size=8, num_batches_per_epoch=6),
+        train=TrainConfig(batch_size=4, gradient_accumulation_steps=6),
+        stat_tracker=StatTrackerConfig(buffer_size=32, min_count=16),
+    )
+
+
+TASKS = {
+    "compressibility": compressibility,
+    "incompressibility": incompressibility,
+    "aesthetic": aesthetic,
+    "alignment": alignment,
+}
+
+
+def task_config(task: str, model: str = "tiny") -> Config:
+    """The preset of `task`, scaled down when model is `tiny`, pointed at `model` otherwise."""
+    if task not in TASKS:
+        raise ValueError(f"unknown task {task!r}; choose one of {', '.join(TASKS)}")
+    tiny = model == "tiny"
+    config = TASKS[task](tiny)
+    return config if tiny else dataclasses.replace(config, model=model)

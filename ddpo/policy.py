@@ -1,0 +1,244 @@
+"""The policy: a Stable Diffusion pipeline with LoRA on its UNet, sampled as an MDP.
+
+`load_pipeline` loads `tiny`, a local directory or a hub id through the same
+`StableDiffusionPipeline.from_pretrained` call. `Policy` samples trajectories with per-step
+log-probs (DDIM, eta = 1, classifier-free guidance) and recomputes the log-prob of a stored
+transition under the current LoRA weights, with the same guided noise prediction.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+from diffusers import DDIMScheduler, StableDiffusionPipeline
+from peft import LoraConfig, get_peft_model_state_dict, set_peft_model_state_dict
+
+from ddpo.ddim import ddim_step_with_log_prob
+from ddpo.trajectory import Trajectory
+
+log = logging.getLogger(__name__)
+
+TINY_MODEL_DIR = Path(__file__).parent / "tiny" / "model"
+LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
+
+
+class ModelLoadError(RuntimeError):
+    """A model could not be loaded; the message says what was tried and how to fix it."""
+
+
+def resolve_model(model: str) -> tuple[str, bool]:
+    """Map `tiny`, a directory or a hub id to (what from_pretrained gets, is it local)."""
+    if model == "tiny":
+        path = TINY_MODEL_DIR
+        if not (path / "model_index.json").is_file():
+            raise ModelLoadError(
+                f"the tiny model is missing from {path}; reinstall the package or rebuild it with "
+                "`python -m ddpo.tiny.pretrain`"
+            )
+        return str(path), True
+    path = Path(model).expanduser()
+    if path.exists():
+        if not (path / "model_index.json").is_file():
+            raise ModelLoadError(
+                f"{path} is not a diffusers pipeline directory (no model_index.json); point "
+                "--model at a directory written by StableDiffusionPipeline.save_pretrained"
+            )
+        return str(path), True
+    looks_like_hub_id = model.count("/") == 1 and not model.startswith((".", "/", "~"))
+    if not looks_like_hub_id:
+        raise ModelLoadError(
+            f"--model {model!r} is neither `tiny`, an existing directory, nor a hub id like "
+            "CompVis/stable-diffusion-v1-4"
+        )
+    return model, False
+
+
+def default_dtype(device: str) -> torch.dtype:
+    """fp32 on CPU; bf16 where the GPU supports it, else fp16."""
+    if not device.startswith("cuda"):
+        return torch.float32
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
+def load_pipeline(
+    model: str, device: str = "cpu", dtype: torch.dtype | None = None
+) -> StableDiffusionPipeline:
+    """Load a Stable Diffusion pipeline and give it SD 1.4's DDIM scheduler configuration.
+
+    Never downloads for `tiny` or a path; for a hub id, HF_HUB_OFFLINE=1 is respected.
+    """
+    source, local = resolve_model(model)
+    dtype = dtype or default_dtype(device)
+    try:
+        pipe = StableDiffusionPipeline.from_pretrained(
+            source,
+            torch_dtype=dtype,
+            safety_checker=None,
+            requires_safety_checker=False,
+            local_files_only=local or os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0"),
+        )
+    except Exception as err:  # from_pretrained raises many types; one clear message for all
+        where = f"directory {source}" if local else f"hub id {source} (HF_HUB_OFFLINE respected)"
+        raise ModelLoadError(
+            f"could not load a StableDiffusionPipeline from {where}: {type(err).__name__}: {err}. "
+            "Fix: pass --model tiny, a local directory written by save_pretrained, or a hub id "
+            "that is in the local Hugging Face cache"
+        ) from err
+    # SD checkpoints ship a PNDM config; DDIM from the same config keeps its betas, steps_offset=1
+    # and set_alpha_to_one=False, without which the final step has sigma 0 and a NaN log-prob.
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.to(device)
+    counts = {n: sum(p.numel() for p in getattr(pipe, n).parameters()) for n in ("unet", "vae", "text_encoder")}
+    log.info("loaded %s (%s) on %s: %s parameters", model, dtype, device, counts)
+    return pipe
+
+
+class Policy:
+    """A LoRA-adapted Stable Diffusion pipeline that samples and scores DDIM trajectories."""
+
+    def __init__(
+        self,
+        pipe: StableDiffusionPipeline,
+        num_steps: int = 50,
+        guidance_scale: float = 5.0,
+        eta: float = 1.0,
+        lora_rank: int = 4,
+    ):
+        self.pipe = pipe
+        self.unet = pipe.unet
+        self.device = pipe.unet.device
+        self.guidance_scale = guidance_scale
+        self.eta = eta
+        for module in (pipe.unet, pipe.vae, pipe.text_encoder):
+            module.requires_grad_(False)
+            module.eval()
+        # peft's default init makes B = 0, so the adapted model starts equal to the base model.
+        self.unet.add_adapter(
+            LoraConfig(r=lora_rank, lora_alpha=lora_rank, target_modules=LORA_TARGETS)
+        )
+        # LoRA trains in fp32 even when the base model is fp16/bf16.
+        for p in self.trainable_parameters():
+            p.data = p.data.float()
+        self.scheduler: DDIMScheduler = pipe.scheduler
+        self.scheduler.set_timesteps(num_steps, device="cpu")
+        self.uncond_embeds = self.encode_prompts([""])  # [1, L, D]
+
+    # ----- weights -----
+    def trainable_parameters(self) -> list[torch.nn.Parameter]:
+        return [p for p in self.unet.parameters() if p.requires_grad]
+
+    def lora_state_dict(self) -> dict[str, torch.Tensor]:
+        """The LoRA weights as CPU tensors (what the learner publishes)."""
+        state = get_peft_model_state_dict(self.unet)
+        return {k: v.detach().to("cpu", copy=True) for k, v in state.items()}
+
+    def load_lora_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        result = set_peft_model_state_dict(self.unet, state)
+        unexpected = getattr(result, "unexpected_keys", None)
+        if unexpected:
+            raise ValueError(f"LoRA weights have keys this model lacks: {unexpected[:3]}...")
+
+    # ----- the model -----
+    @torch.no_grad()
+    def encode_prompts(self, prompts: list[str]) -> torch.Tensor:
+        tok = self.pipe.tokenizer
+        ids = tok(
+            prompts,
+            padding="max_length",
+            max_length=tok.model_max_length,
+            truncation=True,
+            return_tensors="pt",
+        ).input_ids.to(self.device)
+        return self.pipe.text_encoder(ids)[0]
+
+    def guided_noise(
+        self, latents: torch.Tensor, timesteps: torch.Tensor, prompt_embeds: torch.Tensor
+    ) -> torch.Tensor:
+        """eps_uncond + w (eps_cond - eps_uncond), one UNet call on the doubled batch."""
+        b = latents.shape[0]
+        t = timesteps.reshape(-1).expand(b).to(self.device)
+        embeds = prompt_embeds.to(self.device, self.unet.dtype)
+        if self.guidance_scale == 1.0:
+            return self.unet(latents, t, embeds).sample
+        uncond = self.uncond_embeds.expand(b, -1, -1).to(embeds.dtype)
+        eps = self.unet(
+            torch.cat([latents, latents]), torch.cat([t, t]), torch.cat([uncond, embeds])
+        ).sample
+        eps_uncond, eps_cond = eps.chunk(2)
+        return eps_uncond + self.guidance_scale * (eps_cond - eps_uncond)
+
+    def log_prob(
+        self,
+        prompt_embeds: torch.Tensor,
+        latents: torch.Tensor,
+        timesteps: torch.Tensor,
+        next_latents: torch.Tensor,
+    ) -> torch.Tensor:
+        """log pi(next_latents | latents, t, c) [B] under the current weights, with gradients."""
+        dtype = self.unet.dtype
+        latents = latents.to(self.device, dtype)
+        eps = self.guided_noise(latents, timesteps, prompt_embeds)
+        _, log_prob = ddim_step_with_log_prob(
+            self.scheduler,
+            eps.float(),
+            timesteps.cpu(),
+            latents.float(),
+            eta=self.eta,
+            prev_sample=next_latents.to(self.device).float(),
+        )
+        return log_prob
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> np.ndarray:
+        """Latents [B, C, h, w] -> uint8 images [B, H, W, 3]."""
+        vae = self.pipe.vae
+        images = vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor).sample
+        images = ((images.float() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
+        return images.permute(0, 2, 3, 1).cpu().numpy()
+
+    def latent_shape(self) -> tuple[int, int, int]:
+        size = self.unet.config.sample_size
+        return (self.unet.config.in_channels, size, size)
+
+    @torch.no_grad()
+    def sample(
+        self,
+        prompts: list[str],
+        seeds: np.ndarray | list[int],
+        policy_version: int = 0,
+        sampler_id: int = 0,
+        batch_id: str = "0-0",
+    ) -> Trajectory:
+        """Sample one trajectory per prompt; sample i's noise comes from seeds[i] alone."""
+        seeds = np.asarray(seeds, dtype=np.int64)
+        if len(seeds) != len(prompts):
+            raise ValueError(f"got {len(prompts)} prompts but {len(seeds)} seeds")
+        generators = [torch.Generator().manual_seed(int(s)) for s in seeds]
+        embeds = self.encode_prompts(prompts)
+        x = torch.stack([torch.randn(self.latent_shape(), generator=g) for g in generators])
+        x = (x * self.scheduler.init_noise_sigma).to(self.device)
+        latents, log_probs = [x], []
+        for t in self.scheduler.timesteps:
+            eps = self.guided_noise(x.to(self.unet.dtype), t, embeds)
+            x, lp = ddim_step_with_log_prob(
+                self.scheduler, eps.float(), t, x, eta=self.eta, generator=generators
+            )
+            latents.append(x)
+            log_probs.append(lp)
+        return Trajectory(
+            prompts=list(prompts),
+            prompt_embeds=embeds.cpu(),
+            latents=torch.stack(latents, dim=1).cpu(),
+            timesteps=self.scheduler.timesteps.clone().cpu(),
+            log_probs=torch.stack(log_probs, dim=1).cpu(),
+            images=self.decode(x),
+            seeds=seeds,
+            policy_version=policy_version,
+            sampler_id=sampler_id,
+            batch_id=batch_id,
+        )

@@ -1,0 +1,120 @@
+"""Build the tiny Stable-Diffusion-architecture pipeline from config (random weights).
+
+The classes are exactly those of Stable Diffusion v1.4 (UNet2DConditionModel with
+cross-attention, AutoencoderKL, CLIPTextModel + CLIPTokenizer, DDIMScheduler configured as SD 1.4's),
+only narrower and shallower: 32x32 images, 8x8x4 latents, a 64-dimensional text encoder over the
+tiny world's vocabulary. `ddpo.tiny.pretrain` trains it; the trained weights ship with the package.
+"""
+
+from __future__ import annotations
+
+from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+from ddpo.tiny import world
+
+MAX_TOKENS = 16  # "<bos> a red circle on a striped background <eos>" is 9 tokens
+TEXT_DIM = 64
+
+
+def sd14_scheduler() -> DDIMScheduler:
+    """DDIM as configured in SD 1.4's scheduler_config.json.
+
+    With diffusers' defaults (set_alpha_to_one=True, steps_offset=0) the last step has sigma 0
+    and its Gaussian log-prob is NaN, so the SD values matter here.
+    """
+    return DDIMScheduler(
+        num_train_timesteps=1000,
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+        prediction_type="epsilon",
+    )
+
+
+def build_tokenizer() -> CLIPTokenizer:
+    """A CLIP BPE tokenizer whose vocabulary holds every byte-level character (alone and as a
+    word end) plus each word of the tiny world as a single token."""
+    from tokenizers.pre_tokenizers import ByteLevel
+
+    chars = sorted(ByteLevel.alphabet())
+    vocab: dict[str, int] = {}
+    for token in chars + [c + "</w>" for c in chars]:
+        vocab.setdefault(token, len(vocab))
+    merges: list[tuple[str, str]] = []
+    for word in world.vocabulary():
+        # Merge each world word from the right so that no merge of one word can break another:
+        # the final symbol of a word always carries "</w>", which only merges within that word.
+        parts = list(word[:-1]) + [word[-1] + "</w>"]
+        while len(parts) > 1:
+            left, right = parts[-2], parts[-1]
+            merge = (left, right)
+            if merge not in merges:
+                merges.append(merge)
+            parts = parts[:-2] + [left + right]
+            vocab.setdefault(left + right, len(vocab))
+    for special in ("<|startoftext|>", "<|endoftext|>"):
+        vocab.setdefault(special, len(vocab))
+    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=MAX_TOKENS)
+
+
+def build_vae() -> AutoencoderKL:
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 3,  # two downsamplings: 32x32 -> 8x8
+        up_block_types=("UpDecoderBlock2D",) * 3,
+        block_out_channels=(16, 32, 64),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=8,
+        sample_size=world.IMAGE_SIZE,
+    )
+
+
+def build_unet() -> UNet2DConditionModel:
+    return UNet2DConditionModel(
+        sample_size=world.IMAGE_SIZE // 4,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        cross_attention_dim=TEXT_DIM,
+        attention_head_dim=8,
+        norm_num_groups=32,
+    )
+
+
+def build_text_encoder(vocab_size: int) -> CLIPTextModel:
+    config = CLIPTextConfig(
+        vocab_size=vocab_size,
+        hidden_size=TEXT_DIM,
+        intermediate_size=4 * TEXT_DIM,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=MAX_TOKENS,
+        bos_token_id=vocab_size - 2,
+        eos_token_id=vocab_size - 1,
+        pad_token_id=vocab_size - 1,
+    )
+    return CLIPTextModel(config)
+
+
+def build_pipeline() -> StableDiffusionPipeline:
+    """A randomly initialised tiny pipeline, ready for `ddpo.tiny.pretrain`."""
+    tokenizer = build_tokenizer()
+    return StableDiffusionPipeline(
+        vae=build_vae(),
+        text_encoder=build_text_encoder(len(tokenizer)),
+        tokenizer=tokenizer,
+        unet=build_unet(),
+        scheduler=sd14_scheduler(),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )

@@ -1,0 +1,137 @@
+"""The learner: LoRA weights, their optimizer, and one DDPO update per epoch of samples."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+import numpy as np
+import torch
+
+from ddpo.config import Config
+from ddpo.policy import Policy, load_pipeline
+from ddpo.trajectory import Trajectory
+from learner import losses
+
+
+class Learner:
+    """Owns the trainable policy; `update` consumes trajectories and advantages, bumps the version."""
+
+    def __init__(self, config: Config, policy: Policy | None = None):
+        self.config = config
+        cfg = config.train
+        self.policy = policy or Policy(
+            load_pipeline(config.model, config.device),
+            num_steps=config.sample.num_steps,
+            guidance_scale=config.sample.guidance_scale,
+            eta=config.sample.eta,
+            lora_rank=cfg.lora_rank,
+        )
+        self.optimizer = torch.optim.AdamW(
+            self.policy.trainable_parameters(),
+            lr=cfg.learning_rate,
+            betas=(cfg.adam_beta1, cfg.adam_beta2),
+            weight_decay=cfg.adam_weight_decay,
+            eps=cfg.adam_epsilon,
+        )
+        self.generator = torch.Generator().manual_seed(config.seed + 1)
+        self.version = 0
+
+    def weights(self) -> tuple[int, dict[str, torch.Tensor]]:
+        """(policy version, CPU LoRA state dict): what gets published to samplers."""
+        return self.version, self.policy.lora_state_dict()
+
+    def update(
+        self, advantages: np.ndarray, rewards: np.ndarray, *batches: Trajectory
+    ) -> dict[str, float]:
+        """One epoch of training on `batches` (advantages and rewards in the same sample order)."""
+        traj = Trajectory.concat(list(batches))
+        adv = torch.as_tensor(np.asarray(advantages), dtype=torch.float32)
+        rew = torch.as_tensor(np.asarray(rewards), dtype=torch.float32)
+        if adv.shape != (len(traj),) or rew.shape != (len(traj),):
+            raise ValueError(
+                f"{len(traj)} samples but advantages {tuple(adv.shape)}, rewards {tuple(rew.shape)}"
+            )
+        algorithm = self.config.train.algorithm
+        if algorithm in ("ddpo_is", "ddpo_sf"):
+            metrics = self._policy_gradient(traj, adv, importance_sampling=algorithm == "ddpo_is")
+        else:
+            metrics = self._reward_weighted_regression(traj, rew)
+        self.version += 1
+        metrics["policy_version"] = self.version
+        return metrics
+
+    def _optimizer_step(self) -> float:
+        params = self.policy.trainable_parameters()
+        norm = torch.nn.utils.clip_grad_norm_(params, self.config.train.max_grad_norm)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return float(norm)
+
+    def _minibatches(self, n: int) -> list[torch.Tensor]:
+        perm = torch.randperm(n, generator=self.generator)
+        return list(perm.split(self.config.train.batch_size))
+
+    def _policy_gradient(
+        self, traj: Trajectory, adv: torch.Tensor, importance_sampling: bool
+    ) -> dict[str, float]:
+        cfg = self.config.train
+        b, t_total = traj.log_probs.shape
+        n_steps = max(1, int(t_total * cfg.timestep_fraction))
+        # DDPO-SF is on-policy: all samples go into a single optimizer step.
+        inner_epochs = cfg.num_inner_epochs if importance_sampling else 1
+        stats: dict[str, list[float]] = defaultdict(list)
+        for _ in range(inner_epochs):
+            minibatches = self._minibatches(b)
+            accumulate = cfg.gradient_accumulation_steps if importance_sampling else len(minibatches)
+            # Each sample trains on its own random subset of steps (timestep_fraction).
+            steps = torch.stack([torch.randperm(t_total, generator=self.generator) for _ in range(b)])
+            for i, idx in enumerate(minibatches):
+                for k in range(n_steps):
+                    step = steps[idx, k]  # [b] step index per sample
+                    log_prob = self.policy.log_prob(
+                        traj.prompt_embeds[idx],
+                        traj.latents[idx, step],
+                        traj.timesteps[step],
+                        traj.latents[idx, step + 1],
+                    )
+                    old = traj.log_probs[idx, step]
+                    if importance_sampling:
+                        loss, info = losses.ddpo_is_loss(
+                            log_prob, old, adv[idx], cfg.clip_range, cfg.adv_clip_max
+                        )
+                    else:
+                        loss = losses.ddpo_sf_loss(log_prob, adv[idx], cfg.adv_clip_max)
+                        with torch.no_grad():
+                            info = {"approx_kl": 0.5 * ((log_prob - old) ** 2).mean()}
+                    (loss / (accumulate * n_steps)).backward()
+                    stats["loss"].append(loss.item())
+                    for key, value in info.items():
+                        stats[key].append(value.item())
+                if (i + 1) % accumulate == 0 or i + 1 == len(minibatches):
+                    stats["grad_norm"].append(self._optimizer_step())
+        return {key: float(np.mean(values)) for key, values in stats.items()}
+
+    def _reward_weighted_regression(self, traj: Trajectory, rewards: torch.Tensor) -> dict[str, float]:
+        """RWR: the ordinary denoising loss on the final latents, weighted by reward."""
+        cfg = self.config.train
+        if cfg.algorithm == "rwr":
+            weights = losses.rwr_weights(rewards, cfg.rwr_beta)
+        else:
+            weights = losses.sparse_rwr_weights(rewards, cfg.sparse_rwr_quantile)
+        unet, scheduler = self.policy.unet, self.policy.scheduler
+        x0 = traj.latents[:, -1]
+        stats: dict[str, list[float]] = defaultdict(list)
+        for _ in range(cfg.num_inner_epochs):
+            minibatches = self._minibatches(len(traj))
+            for i, idx in enumerate(minibatches):
+                noise = torch.randn(x0[idx].shape, generator=self.generator)
+                t = torch.randint(0, scheduler.config.num_train_timesteps, (len(idx),), generator=self.generator)
+                noisy = scheduler.add_noise(x0[idx], noise, t).to(self.policy.device, unet.dtype)
+                embeds = traj.prompt_embeds[idx].to(self.policy.device, unet.dtype)
+                predicted = unet(noisy, t.to(self.policy.device), embeds).sample.float()
+                loss = losses.weighted_denoising_loss(predicted, noise.to(predicted.device), weights[idx].to(predicted.device))
+                (loss / cfg.gradient_accumulation_steps).backward()
+                stats["loss"].append(loss.item())
+                if (i + 1) % cfg.gradient_accumulation_steps == 0 or i + 1 == len(minibatches):
+                    stats["grad_norm"].append(self._optimizer_step())
+        return {key: float(np.mean(values)) for key, values in stats.items()}

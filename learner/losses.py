@@ -1,0 +1,61 @@
+"""The DDPO objectives, as pure functions of log-probs, advantages and rewards.
+
+Provenance: DDPO-IS and DDPO-SF from Black et al. 2023 (sec. 4.2-4.3, with PPO's clipping from
+Schulman et al. 2017); RWR and sparse RWR as the paper's baselines (sec. 4.1).
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def ddpo_is_loss(
+    log_prob: torch.Tensor,
+    old_log_prob: torch.Tensor,
+    advantages: torch.Tensor,
+    clip_range: float,
+    adv_clip_max: float,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Clipped importance-sampling loss over a batch of transitions [B].
+
+    loss = mean(max(-A r, -A clip(r, 1 - eps, 1 + eps))), r = exp(log_prob - old_log_prob).
+    Returns the loss and detached diagnostics (approx_kl, clipfrac).
+    """
+    advantages = advantages.clamp(-adv_clip_max, adv_clip_max)
+    ratio = torch.exp(log_prob - old_log_prob)
+    unclipped = -advantages * ratio
+    clipped = -advantages * ratio.clamp(1.0 - clip_range, 1.0 + clip_range)
+    loss = torch.maximum(unclipped, clipped).mean()
+    with torch.no_grad():
+        info = {
+            "approx_kl": 0.5 * ((log_prob - old_log_prob) ** 2).mean(),
+            "clipfrac": ((ratio - 1.0).abs() > clip_range).float().mean(),
+        }
+    return loss, info
+
+
+def ddpo_sf_loss(
+    log_prob: torch.Tensor, advantages: torch.Tensor, adv_clip_max: float
+) -> torch.Tensor:
+    """Score-function (REINFORCE) loss: -mean(A log_prob); valid only on-policy."""
+    return -(advantages.clamp(-adv_clip_max, adv_clip_max) * log_prob).mean()
+
+
+def rwr_weights(rewards: torch.Tensor, beta: float) -> torch.Tensor:
+    """Reward-weighted regression weights exp(beta r) / sum exp(beta r) over the batch."""
+    return torch.softmax(beta * rewards.double(), dim=0).to(rewards.dtype)
+
+
+def sparse_rwr_weights(rewards: torch.Tensor, quantile: float) -> torch.Tensor:
+    """Weight 1 for samples with reward >= the batch's `quantile`, else 0, normalised."""
+    threshold = torch.quantile(rewards.double(), quantile).to(rewards.dtype)
+    keep = (rewards >= threshold).to(rewards.dtype)
+    return keep / keep.sum()
+
+
+def weighted_denoising_loss(
+    predicted_noise: torch.Tensor, noise: torch.Tensor, weights: torch.Tensor
+) -> torch.Tensor:
+    """sum_i w_i ||eps_theta(x_t^i) - eps^i||^2 / dims: the diffusion loss weighted per sample."""
+    per_sample = ((predicted_noise - noise) ** 2).mean(dim=tuple(range(1, noise.ndim)))
+    return (weights * per_sample).sum()
