@@ -1,24 +1,179 @@
-"""The reward worker: hosts one reward function and scores batches of images."""
+"""The reward worker: hosts one reward model (or a client of a remote reward service) and scores
+batches of images.
+
+A plain class; `learner.run` wraps it with `ray.remote(RewardWorker).options(**reward_actor_options(
+name))` where it creates the actors. With `max_concurrency > 1` (a threaded actor) calls that
+arrive while the model is busy are coalesced into one model call of up to `max_batch_images`, so
+a GPU reward model sees large batches even when samplers send small ones.
+
+    worker = RewardWorker("aesthetic", {"clip_model": "tiny", "mlp_path": "tiny"})
+    rewards, info = worker.score({"images": uint8 [N, H, W, 3], "prompts": [N], "batch_id": "0-3"})
+"""
 
 from __future__ import annotations
 
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
 import numpy as np
 
-from rewards import make_reward
+from rewards import RewardFn, make_reward, parse_reward_spec
+
+GPU_PER_ACTOR = {"aesthetic": 0.25, "alignment": 1.0}
+"""GPU share per reward actor on a GPU cluster. Aesthetic: CLIP ViT-L/14 (428M params, 1.7 GB
+fp32) + the MLP; alignment: LLaVA-1.5-7B in fp16 (~14 GB; 13B ~26 GB) + DeBERTa-xlarge-MNLI
+(750M params, 3 GB fp32) and activations: one 80 GB GPU holds it with room for batch 16."""
+
+ROLE_RESOURCE_PER_ACTOR = 0.001
+"""Each actor asks this much of its role resource `reward_<name>`: the resource only says where
+it may go (nodes of its type); the GPU share says how many fit on one."""
+
+
+def reward_actor_options(
+    name: str, gpu: bool = False, role_resource: bool = True, max_concurrency: int = 4
+) -> dict[str, Any]:
+    """Ray options for one actor of reward `name` (one term of a spec): CPU, GPU share, role
+    resource `reward_<name>` (the local `ray.init` must declare it, see `local_role_resources`)
+    and a thread pool so that concurrent calls can be batched."""
+    options: dict[str, Any] = {"num_cpus": 1, "max_concurrency": max_concurrency}
+    if gpu and name in GPU_PER_ACTOR:
+        options["num_gpus"] = GPU_PER_ACTOR[name]
+    if role_resource:
+        options["resources"] = {f"reward_{name}": ROLE_RESOURCE_PER_ACTOR}
+    return options
+
+
+def local_role_resources(spec: str) -> dict[str, float]:
+    """The role resources a local `ray.init(resources=...)` must offer for the actors of `spec`."""
+    return {f"reward_{name}": 1.0 for _, name in parse_reward_spec(spec)}
+
+
+@dataclass
+class _Request:
+    images: np.ndarray  # uint8 [n, H, W, 3]
+    prompts: list[str]
+    done: threading.Event = field(default_factory=threading.Event)
+    result: tuple[np.ndarray, dict] | None = None
+    error: BaseException | None = None
 
 
 class RewardWorker:
-    def __init__(self, name: str):
+    """Scores `{"images", "prompts", "batch_id"}` batches with one reward.
+
+    name: a reward spec (`rewards.REWARDS`, or a weighted sum computed in this process);
+    options: reward factory options ({"clip_model": ..., "mlp_path": ...}; `"tiny": True` for
+    the tiny models); url: score through a reward service (`python -m rewards.serve`) instead of
+    a local model, with the token from `token_file` or $DDPO_REWARD_TOKEN.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        options: dict[str, Any] | None = None,
+        url: str | None = None,
+        token_file: str | None = None,
+        max_batch_images: int = 64,
+        threads: int | None = None,
+    ):
+        if threads:
+            import torch
+
+            torch.set_num_threads(threads)
         self.name = name
-        self.fn = make_reward(name)
+        self.fn: RewardFn
+        if url:
+            from rewards.serve import RemoteReward, read_token
+
+            self.fn = RemoteReward(url, read_token(token_file, required=False))
+        else:
+            options = dict(options or {})
+            self.fn = make_reward(name, tiny=bool(options.pop("tiny", False)), **options)
+        self.max_batch_images = max_batch_images
+        self._pending: list[_Request] = []
+        self._pending_lock = threading.Lock()
+        self._model_lock = threading.Lock()  # one model call at a time
+        self._stats = {"calls": 0, "model_calls": 0, "images": 0, "busy_seconds": 0.0}
+        self._started = time.monotonic()
 
     def score(self, batch: dict) -> tuple[np.ndarray, dict]:
-        """batch: {"images": uint8 [N, H, W, 3], "prompts": [N], "batch_id"} -> (rewards [N], info)."""
-        images, prompts = batch["images"], batch["prompts"]
-        rewards, info = self.fn(images, prompts)
-        rewards = np.asarray(rewards, dtype=np.float32)
-        if rewards.shape != (len(prompts),):
+        """batch: {"images": uint8 [N, H, W, 3], "prompts": [N], "batch_id"} -> (rewards [N], info).
+
+        info holds one value per image (lists or [N] arrays), plus "batch_id"."""
+        images, prompts = batch["images"], list(batch["prompts"])
+        if not isinstance(images, np.ndarray) or images.ndim != 4 or len(images) != len(prompts):
             raise ValueError(
-                f"reward {self.name} returned shape {rewards.shape} for {len(prompts)} images"
+                f"reward {self.name}: images must be uint8 [N, H, W, 3] with one prompt each, got "
+                f"{getattr(images, 'shape', type(images).__name__)} and {len(prompts)} prompts"
             )
-        return rewards, info
+        request = _Request(images, prompts)
+        with self._pending_lock:
+            self._pending.append(request)
+            self._stats["calls"] += 1
+        while not request.done.is_set():
+            with self._model_lock:
+                if not request.done.is_set():
+                    self._run(self._take())
+        if request.error is not None:
+            raise request.error
+        assert request.result is not None
+        rewards, info = request.result
+        return rewards, {**info, "batch_id": batch.get("batch_id")}
+
+    def _take(self) -> list[_Request]:
+        """The oldest pending requests of one image size, up to max_batch_images in all."""
+        with self._pending_lock:
+            taken = [self._pending.pop(0)]
+            total = len(taken[0].images)
+            while self._pending:
+                nxt = self._pending[0]
+                same_size = nxt.images.shape[1:] == taken[0].images.shape[1:]
+                if not same_size or total + len(nxt.images) > self.max_batch_images:
+                    break
+                taken.append(self._pending.pop(0))
+                total += len(nxt.images)
+            return taken
+
+    def _run(self, requests: list[_Request]) -> None:
+        start = time.monotonic()
+        try:
+            images = np.concatenate([r.images for r in requests])  # [sum n, H, W, 3]
+            prompts = [p for r in requests for p in r.prompts]
+            rewards, info = self.fn(images, prompts)
+            rewards = np.asarray(rewards, dtype=np.float32)
+            if rewards.shape != (len(prompts),):
+                raise ValueError(
+                    f"reward {self.name} returned shape {rewards.shape} for {len(prompts)} images"
+                )
+            offset = 0
+            for r in requests:
+                n = len(r.images)
+                part = {k: _slice(v, offset, offset + n, len(prompts)) for k, v in info.items()}
+                r.result = (rewards[offset : offset + n], part)
+                offset += n
+        except Exception as err:  # every waiting caller sees the model's error
+            for r in requests:
+                r.error = err
+        finally:
+            self._stats["model_calls"] += 1
+            self._stats["images"] += sum(len(r.images) for r in requests)
+            self._stats["busy_seconds"] += time.monotonic() - start
+            for r in requests:
+                r.done.set()
+
+    def stats(self) -> dict[str, float]:
+        """Counters for the metrics: calls, model calls, images, busy seconds and fraction."""
+        stats = dict(self._stats)
+        stats["busy_fraction"] = stats["busy_seconds"] / max(time.monotonic() - self._started, 1e-9)
+        return {f"reward/{self.name}/{k}": v for k, v in stats.items()}
+
+
+def _slice(value: Any, start: int, stop: int, n: int) -> Any:
+    """One request's share of a per-image info value; anything not of length n is shared."""
+    try:
+        if len(value) == n and not isinstance(value, str | bytes):
+            return value[start:stop]
+    except TypeError:
+        pass
+    return value

@@ -91,7 +91,9 @@ class Config:
     model: str = "tiny"
     """`tiny`, a local diffusers pipeline directory, or a hub id (CompVis/stable-diffusion-v1-4)."""
     reward: str = "jpeg_compressibility"
-    """Reward function name (see `rewards.REWARDS`)."""
+    """Reward name (see `rewards.REWARDS`) or a weighted sum like aesthetic+0.5*alignment."""
+    reward_options: tuple[str, ...] = ()
+    """KEY=VALUE options for the reward models (e.g. mlp=./sac+logos+ava1-l14-linearMSE.pth)."""
     prompts: tuple[str, ...] = ()
     """The prompt set; each sample's prompt is drawn uniformly from it."""
     epochs: int = 100
@@ -146,7 +148,9 @@ def read_prompt_file(path: Path | str) -> tuple[str, ...]:
     """One prompt a line; blank lines and lines starting with # are skipped."""
     path = Path(path)
     if not path.is_file():
-        raise ValueError(f"prompt file {path} does not exist; pass a text file with one prompt a line")
+        raise ValueError(
+            f"prompt file {path} does not exist; pass a text file with one prompt a line"
+        )
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
     except UnicodeDecodeError as err:
@@ -192,7 +196,7 @@ def compressibility(tiny: bool, reward: str = "jpeg_compressibility") -> Config:
             prompts=tiny_world(),
             epochs=20,
             sample=SampleConfig(num_steps=20, batch_size=8, num_batches_per_epoch=4),
-            train=TrainConfig(learning_rate=1e-3, batch_size=8, gradient_accumulation_steps=2),
+            train=TrainConfig(learning_rate=1e-2, batch_size=8, gradient_accumulation_steps=1),
             stat_tracker=StatTrackerConfig(buffer_size=16, min_count=4),
         )
     # Paper: 8 GPUs x 8 x 4 samples per epoch, train batch 4, 2 accumulation steps, 100 epochs.
@@ -213,9 +217,7 @@ def incompressibility(tiny: bool) -> Config:
 
 def aesthetic(tiny: bool) -> Config:
     if tiny:
-        return dataclasses.replace(
-            compressibility(tiny=True), task="aesthetic", reward="aesthetic"
-        )
+        return dataclasses.replace(compressibility(tiny=True), task="aesthetic", reward="aesthetic")
     # Paper: simple animals, 4 accumulation steps, a 32-long stat buffer, 200 epochs.
     return Config(
         task="aesthetic",
@@ -231,9 +233,7 @@ def aesthetic(tiny: bool) -> Config:
 
 def alignment(tiny: bool) -> Config:
     if tiny:
-        return dataclasses.replace(
-            compressibility(tiny=True), task="alignment", reward="alignment"
-        )
+        return dataclasses.replace(compressibility(tiny=True), task="alignment", reward="alignment")
     # Paper: "a(n) <animal> <activity>", 8 x 6 samples per GPU, 6 accumulation steps, 200 epochs.
     return Config(
         task="alignment",

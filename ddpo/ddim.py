@@ -40,7 +40,9 @@ def ddim_step_with_log_prob(
     if scheduler.num_inference_steps is None:
         raise ValueError("call scheduler.set_timesteps(num_steps) before stepping")
     if eta <= 0:
-        raise ValueError(f"eta={eta} makes the step deterministic and its log-prob undefined; use eta > 0")
+        raise ValueError(
+            f"eta={eta} makes the step deterministic and its log-prob undefined; use eta > 0"
+        )
     batch = sample.shape[0]
     t = torch.as_tensor(timestep, dtype=torch.long).reshape(-1).expand(batch).cpu()
     step = scheduler.config.num_train_timesteps // scheduler.num_inference_steps

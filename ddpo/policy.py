@@ -15,7 +15,9 @@ from pathlib import Path
 import numpy as np
 import torch
 from diffusers import DDIMScheduler, StableDiffusionPipeline
+from diffusers.utils import logging as diffusers_logging
 from peft import LoraConfig, get_peft_model_state_dict, set_peft_model_state_dict
+from transformers.utils import logging as transformers_logging
 
 from ddpo.ddim import ddim_step_with_log_prob
 from ddpo.trajectory import Trajectory
@@ -72,11 +74,13 @@ def load_pipeline(
     Never downloads for `tiny` or a path; for a hub id, HF_HUB_OFFLINE=1 is respected.
     """
     source, local = resolve_model(model)
+    diffusers_logging.disable_progress_bar()
+    transformers_logging.disable_progress_bar()
     dtype = dtype or default_dtype(device)
     try:
         pipe = StableDiffusionPipeline.from_pretrained(
             source,
-            torch_dtype=dtype,
+            dtype=dtype,
             safety_checker=None,
             requires_safety_checker=False,
             local_files_only=local or os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0"),
@@ -93,7 +97,10 @@ def load_pipeline(
     pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
     pipe.to(device)
-    counts = {n: sum(p.numel() for p in getattr(pipe, n).parameters()) for n in ("unet", "vae", "text_encoder")}
+    counts = {
+        n: sum(p.numel() for p in getattr(pipe, n).parameters())
+        for n in ("unet", "vae", "text_encoder")
+    }
     log.info("loaded %s (%s) on %s: %s parameters", model, dtype, device, counts)
     return pipe
 

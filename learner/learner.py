@@ -16,7 +16,9 @@ from learner import losses
 class Learner:
     """Owns the trainable policy; `update` consumes trajectories and advantages, bumps the version."""
 
-    def __init__(self, config: Config, policy: Policy | None = None):
+    def __init__(self, config: Config, threads: int | None = None, policy: Policy | None = None):
+        if threads:
+            torch.set_num_threads(threads)
         self.config = config
         cfg = config.train
         self.policy = policy or Policy(
@@ -82,9 +84,13 @@ class Learner:
         stats: dict[str, list[float]] = defaultdict(list)
         for _ in range(inner_epochs):
             minibatches = self._minibatches(b)
-            accumulate = cfg.gradient_accumulation_steps if importance_sampling else len(minibatches)
+            accumulate = (
+                cfg.gradient_accumulation_steps if importance_sampling else len(minibatches)
+            )
             # Each sample trains on its own random subset of steps (timestep_fraction).
-            steps = torch.stack([torch.randperm(t_total, generator=self.generator) for _ in range(b)])
+            steps = torch.stack(
+                [torch.randperm(t_total, generator=self.generator) for _ in range(b)]
+            )
             for i, idx in enumerate(minibatches):
                 for k in range(n_steps):
                     step = steps[idx, k]  # [b] step index per sample
@@ -111,7 +117,9 @@ class Learner:
                     stats["grad_norm"].append(self._optimizer_step())
         return {key: float(np.mean(values)) for key, values in stats.items()}
 
-    def _reward_weighted_regression(self, traj: Trajectory, rewards: torch.Tensor) -> dict[str, float]:
+    def _reward_weighted_regression(
+        self, traj: Trajectory, rewards: torch.Tensor
+    ) -> dict[str, float]:
         """RWR: the ordinary denoising loss on the final latents, weighted by reward."""
         cfg = self.config.train
         if cfg.algorithm == "rwr":
@@ -125,11 +133,15 @@ class Learner:
             minibatches = self._minibatches(len(traj))
             for i, idx in enumerate(minibatches):
                 noise = torch.randn(x0[idx].shape, generator=self.generator)
-                t = torch.randint(0, scheduler.config.num_train_timesteps, (len(idx),), generator=self.generator)
+                t = torch.randint(
+                    0, scheduler.config.num_train_timesteps, (len(idx),), generator=self.generator
+                )
                 noisy = scheduler.add_noise(x0[idx], noise, t).to(self.policy.device, unet.dtype)
                 embeds = traj.prompt_embeds[idx].to(self.policy.device, unet.dtype)
                 predicted = unet(noisy, t.to(self.policy.device), embeds).sample.float()
-                loss = losses.weighted_denoising_loss(predicted, noise.to(predicted.device), weights[idx].to(predicted.device))
+                loss = losses.weighted_denoising_loss(
+                    predicted, noise.to(predicted.device), weights[idx].to(predicted.device)
+                )
                 (loss / cfg.gradient_accumulation_steps).backward()
                 stats["loss"].append(loss.item())
                 if (i + 1) % cfg.gradient_accumulation_steps == 0 or i + 1 == len(minibatches):

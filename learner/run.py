@@ -24,13 +24,20 @@ import numpy as np
 import tyro
 from tqdm import tqdm
 
-from actors.reward import RewardWorker
+from actors.reward import RewardWorker, local_role_resources, reward_actor_options
 from actors.sampler import Sampler
 from ddpo.config import Config, read_prompt_file, task_config
 from ddpo.images import save_grid
 from ddpo.lora import save_lora
 from learner.learner import Learner
 from learner.stat_tracker import PerPromptStatTracker, batch_advantages
+from rewards import (
+    combine_rewards,
+    parse_reward_options,
+    parse_reward_spec,
+    reward_options,
+    sample_records,
+)
 
 log = logging.getLogger("learner.run")
 
@@ -39,7 +46,9 @@ log = logging.getLogger("learner.run")
 class Args:
     """DDPO fine-tuning of Stable Diffusion with LoRA, on Ray."""
 
-    task: Literal["compressibility", "incompressibility", "aesthetic", "alignment"] = "compressibility"
+    task: Literal["compressibility", "incompressibility", "aesthetic", "alignment"] = (
+        "compressibility"
+    )
     """Task preset: compressibility, incompressibility, aesthetic or alignment."""
     model: str = "tiny"
     """`tiny` (the embedded model), a local pipeline directory, or a hub id."""
@@ -56,6 +65,10 @@ class Args:
     """Read the prompt set from this file, one prompt a line."""
     learning_rate: float | None = None
     """Override the task's learning rate."""
+    reward: str | None = None
+    """Override the task's reward: a name or a weighted sum like aesthetic+0.5*alignment."""
+    reward_model: tuple[str, ...] = ()
+    """Reward model options KEY=VALUE, e.g. mlp=./sac+logos+ava1-l14-linearMSE.pth llava=DIR."""
     device: str = "cpu"
     """cpu or cuda."""
     in_process: bool = False
@@ -77,6 +90,8 @@ def build_config(args: Args) -> Config:
         address=args.address,
         num_samplers=args.num_samplers,
         prompts=prompts,
+        reward=args.reward or config.reward,
+        reward_options=args.reward_model,
         device=args.device,
         train=train,
     )
@@ -86,7 +101,7 @@ def build_config(args: Args) -> Config:
 class InProcess:
     """Calls methods directly; results are plain values."""
 
-    def create(self, cls: type, *args: Any, num_cpus: float = 1) -> Any:
+    def create(self, cls: type, *args: Any, options: dict | None = None) -> Any:
         return cls(*args)
 
     def call(self, handle: Any, method: str, *args: Any, num_returns: int = 1) -> Any:
@@ -99,7 +114,7 @@ class InProcess:
 class OnRay:
     """Actors and ObjectRefs; the driver never touches images or trajectories."""
 
-    def __init__(self, address: str | None, min_cpus: int):
+    def __init__(self, address: str | None, min_cpus: int, resources: dict[str, float]):
         import ray
 
         self.ray = ray
@@ -108,10 +123,19 @@ class OnRay:
                 ray.init(address=address)
             else:
                 # Logical CPUs: in sync mode the actors take turns, so they may share the cores.
-                ray.init(num_cpus=max(os.cpu_count() or 1, min_cpus))
+                ray.init(num_cpus=max(os.cpu_count() or 1, min_cpus), resources=resources)
 
-    def create(self, cls: type, *args: Any, num_cpus: float = 1) -> Any:
-        return self.ray.remote(cls).options(num_cpus=num_cpus).remote(*args)
+    def create(self, cls: type, *args: Any, options: dict | None = None) -> Any:
+        options = dict(options or {"num_cpus": 1})
+        # Role resources place actors on their node type; a cluster without them (a plain
+        # `ray start`) still runs everything, with a warning.
+        available = self.ray.cluster_resources()
+        wanted = options.pop("resources", {})
+        missing = [name for name in wanted if name not in available]
+        if missing:
+            log.warning("cluster offers no %s resource; placing %s anywhere", missing, cls.__name__)
+        resources = {k: v for k, v in wanted.items() if k in available}
+        return self.ray.remote(cls).options(**options, resources=resources).remote(*args)
 
     def call(self, handle: Any, method: str, *args: Any, num_returns: int = 1) -> Any:
         return getattr(handle, method).options(num_returns=num_returns).remote(*args)
@@ -136,17 +160,51 @@ def grid_schedule(config: Config) -> tuple[list[str], np.ndarray]:
     return rows, seeds
 
 
+def format_record(record: dict) -> str:
+    """One console line per epoch; metrics an algorithm does not produce are left out."""
+    parts = [
+        f"epoch {record['epoch']:3d}",
+        f"v{record['policy_version']}",
+        f"reward {record['reward_mean']:+.4f} ± {record['reward_std']:.4f}",
+    ]
+    for key, fmt in (("loss", "+.2e"), ("approx_kl", ".2e"), ("clipfrac", ".3f")):
+        if record.get(key) is not None:
+            parts.append(f"{key} {record[key]:{fmt}}")
+    parts.append(f"{record['seconds']:.1f}s")
+    return "  ".join(parts)
+
+
 def train(config: Config, wiring: InProcess | OnRay | None = None) -> list[dict]:
     """Run `config.epochs` sync DDPO epochs; return the per-epoch metrics."""
     run_dir = Path(config.run_dir or "runs/run")
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.json").write_text(json.dumps(dataclasses.asdict(config), indent=2, default=str))
-    wiring = wiring or OnRay(config.address, min_cpus=config.num_samplers + 2)
-    threads = os.cpu_count() or 1
+    (run_dir / "config.json").write_text(
+        json.dumps(dataclasses.asdict(config), indent=2, default=str)
+    )
+    terms = parse_reward_spec(config.reward)
+    options = reward_options(
+        config.reward, parse_reward_options(config.reward_options), tiny=config.model == "tiny"
+    )
+    wiring = wiring or OnRay(
+        config.address,
+        min_cpus=config.num_samplers + len(terms) + 1,
+        resources=local_role_resources(config.reward),
+    )
 
-    samplers = [wiring.create(Sampler, config, i, threads) for i in range(config.num_samplers)]
-    reward = wiring.create(RewardWorker, config.reward)
-    learner = wiring.create(Learner, config)
+    # Sync mode: samplers run together, then the learner alone; split the cores accordingly.
+    threads = os.cpu_count() or 1
+    sampler_threads = max(1, threads // config.num_samplers)
+    samplers = [
+        wiring.create(Sampler, config, i, sampler_threads) for i in range(config.num_samplers)
+    ]
+    gpu = config.device.startswith("cuda")
+    scorers = {
+        name: wiring.create(
+            RewardWorker, name, options[name], options=reward_actor_options(name, gpu=gpu)
+        )
+        for _, name in terms
+    }
+    learner = wiring.create(Learner, config, threads)
     tracker = PerPromptStatTracker(config.stat_tracker.buffer_size, config.stat_tracker.min_count)
 
     def publish() -> int:
@@ -154,6 +212,10 @@ def train(config: Config, wiring: InProcess | OnRay | None = None) -> list[dict]
         version, state = wiring.call(learner, "weights", num_returns=2)
         wiring.get([wiring.call(s, "set_weights", version, state) for s in samplers])
         return wiring.get(version)
+
+    def score(reward_input: Any) -> dict[str, Any]:
+        # Every reward reads the images from the object store by ref, not through the driver.
+        return {name: wiring.call(w, "score", reward_input) for name, w in scorers.items()}
 
     def grid(name: str) -> None:
         prompts, seeds = grid_schedule(config)
@@ -164,33 +226,48 @@ def train(config: Config, wiring: InProcess | OnRay | None = None) -> list[dict]
     grid("grid_start.png")
     history = []
     metrics_file = (run_dir / "metrics.jsonl").open("a")
+    samples_file = (run_dir / "samples.jsonl").open("a")
     for epoch in range(config.epochs):
         start = time.time()
         version = publish()
 
-        # Sample: each sampler takes every S-th batch; reward actors read images by ref.
+        # Sample: each sampler takes every S-th batch of the epoch's prompts and seeds.
         prompts, seeds = epoch_schedule(config, epoch)
         b = config.sample.batch_size
-        trajs, scores = [], []
+        batches = []
         for i in range(config.sample.num_batches_per_epoch):
             sl = slice(i * b, (i + 1) * b)
             sampler = samplers[i % len(samplers)]
-            traj, reward_input = wiring.call(sampler, "sample", prompts[sl], seeds[sl], num_returns=2)
-            trajs.append(traj)
-            scores.append(wiring.call(reward, "score", reward_input))
-        results = [
-            wiring.get(s)
-            for s in tqdm(scores, desc=f"epoch {epoch} sample+score", leave=False, disable=None)
-        ]
-        rewards = np.concatenate([r for r, _ in results])
-        sample_prompts = [p for i in range(len(trajs)) for p in prompts[i * b : (i + 1) * b]]
+            traj, reward_input = wiring.call(
+                sampler, "sample", prompts[sl], seeds[sl], num_returns=2
+            )
+            batches.append((traj, prompts[sl], score(reward_input)))
+
+        # Score; a batch whose reward is not finite is dropped (and counted), never trained on.
+        kept_trajs, kept_prompts, kept_rewards, dropped = [], [], [], 0
+        bar = tqdm(batches, desc=f"epoch {epoch} sample+score", leave=False, disable=None)
+        for traj, batch_prompts, refs in bar:
+            results = {name: wiring.get(ref) for name, ref in refs.items()}
+            rewards, info = combine_rewards(terms, results)
+            if not np.isfinite(rewards).all():
+                log.warning("epoch %d: dropping a batch with non-finite rewards %s", epoch, rewards)
+                dropped += 1
+                continue
+            kept_trajs.append(traj)
+            kept_prompts.extend(batch_prompts)
+            kept_rewards.append(rewards)
+            for record in sample_records(batch_prompts, rewards, info):
+                samples_file.write(json.dumps({"epoch": epoch, **record}, default=float) + "\n")
+        if not kept_trajs:
+            raise RuntimeError(f"epoch {epoch}: every batch had non-finite rewards; stopping")
+        rewards = np.concatenate(kept_rewards)
 
         # Advantages, then one learner update on the epoch's trajectories.
         if config.stat_tracker.per_prompt:
-            advantages = tracker.update(sample_prompts, rewards)
+            advantages = tracker.update(kept_prompts, rewards)
         else:
             advantages = batch_advantages(rewards)
-        update = wiring.get(wiring.call(learner, "update", advantages, rewards, *trajs))
+        update = wiring.get(wiring.call(learner, "update", advantages, rewards, *kept_trajs))
 
         record = {
             "epoch": epoch,
@@ -202,19 +279,16 @@ def train(config: Config, wiring: InProcess | OnRay | None = None) -> list[dict]
             "clipfrac": update.get("clipfrac"),
             "grad_norm": update.get("grad_norm"),
             "samples": int(len(rewards)),
+            "batches_dropped": dropped,
             "seconds": round(time.time() - start, 3),
         }
         history.append(record)
         metrics_file.write(json.dumps(record) + "\n")
         metrics_file.flush()
-        print(
-            f"epoch {epoch:3d}  v{version}  reward {record['reward_mean']:+.4f} "
-            f"± {record['reward_std']:.4f}  loss {record['loss']:+.2e}  "
-            f"kl {record['approx_kl']:.2e}  clipfrac {record['clipfrac'] or 0:.2f}  "
-            f"{record['seconds']:.1f}s",
-            flush=True,
-        )
+        samples_file.flush()
+        print(format_record(record), flush=True)
     metrics_file.close()
+    samples_file.close()
 
     publish()
     version, state = wiring.call(learner, "weights", num_returns=2)

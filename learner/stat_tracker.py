@@ -16,7 +16,9 @@ EPS = 1e-6
 class PerPromptStatTracker:
     def __init__(self, buffer_size: int, min_count: int):
         if min_count > buffer_size:
-            raise ValueError(f"min_count={min_count} can never be reached with buffer_size={buffer_size}")
+            raise ValueError(
+                f"min_count={min_count} can never be reached with buffer_size={buffer_size}"
+            )
         self.buffer_size = buffer_size
         self.min_count = min_count
         self.buffers: dict[str, deque[float]] = {}

@@ -35,7 +35,9 @@ def jpeg_incompressibility(images: np.ndarray, prompts: list[str]) -> tuple[np.n
 
 def check_images(images: np.ndarray) -> None:
     if not isinstance(images, np.ndarray) or images.dtype != np.uint8:
-        raise ValueError(f"images must be a uint8 numpy array, got {type(images).__name__} "
-                         f"{getattr(images, 'dtype', '')}")
+        raise ValueError(
+            f"images must be a uint8 numpy array, got {type(images).__name__} "
+            f"{getattr(images, 'dtype', '')}"
+        )
     if images.ndim != 4 or images.shape[-1] != 3:
         raise ValueError(f"images must be [N, H, W, 3], got shape {images.shape}")

@@ -43,7 +43,9 @@ def test_sampled_step_matches_diffusers_and_is_seeded():
     x, eps = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8)
     gens = [torch.Generator().manual_seed(s) for s in (1, 2)]
     prev, _ = ddim_step_with_log_prob(scheduler, eps, t, x, generator=gens)
-    noise = torch.stack([torch.randn(4, 8, 8, generator=torch.Generator().manual_seed(s)) for s in (1, 2)])
+    noise = torch.stack(
+        [torch.randn(4, 8, 8, generator=torch.Generator().manual_seed(s)) for s in (1, 2)]
+    )
     _, _, expected = reference_step(scheduler, eps, int(t), x, 1.0, noise)
     torch.testing.assert_close(prev, expected, rtol=1e-5, atol=1e-6)
 
@@ -55,7 +57,9 @@ def test_per_sample_timesteps_equal_separate_calls():
     x, eps, nxt = (torch.randn(3, 4, 8, 8) for _ in range(3))
     _, joint = ddim_step_with_log_prob(scheduler, eps, ts, x, prev_sample=nxt)
     for i, t in enumerate(ts):
-        _, single = ddim_step_with_log_prob(scheduler, eps[i : i + 1], t, x[i : i + 1], prev_sample=nxt[i : i + 1])
+        _, single = ddim_step_with_log_prob(
+            scheduler, eps[i : i + 1], t, x[i : i + 1], prev_sample=nxt[i : i + 1]
+        )
         torch.testing.assert_close(joint[i : i + 1], single)
 
 
@@ -79,4 +83,6 @@ def test_eta_zero_is_rejected():
     scheduler = sd14_scheduler()
     scheduler.set_timesteps(10)
     with pytest.raises(ValueError, match="eta"):
-        ddim_step_with_log_prob(scheduler, torch.zeros(1, 4, 2, 2), 1, torch.zeros(1, 4, 2, 2), eta=0.0)
+        ddim_step_with_log_prob(
+            scheduler, torch.zeros(1, 4, 2, 2), 1, torch.zeros(1, 4, 2, 2), eta=0.0
+        )

@@ -88,15 +88,23 @@ def test_stat_tracker_by_hand():
     # "a" has 3 rewards >= min_count: its own stats; "b" has 2: the batch's stats.
     a_mean, a_std = 2.0, np.std([1, 2, 3])
     b_mean, b_std = rewards.mean(), rewards.std()
-    expected = [(1 - a_mean) / a_std, (2 - a_mean) / a_std, (10 - b_mean) / b_std,
-                (20 - b_mean) / b_std, (3 - a_mean) / a_std]
+    expected = [
+        (1 - a_mean) / a_std,
+        (2 - a_mean) / a_std,
+        (10 - b_mean) / b_std,
+        (20 - b_mean) / b_std,
+        (3 - a_mean) / a_std,
+    ]
     np.testing.assert_allclose(adv, expected, rtol=1e-5)
 
     # Second batch: "b" now has 3 rewards (buffer), "a"'s buffer drops its oldest (size 4).
     adv = tracker.update(["a", "a", "b"], np.array([4.0, 5.0, 30.0]))
     a_buf, b_buf = np.array([2, 3, 4, 5.0]), np.array([10, 20, 30.0])
-    expected = [(4 - a_buf.mean()) / a_buf.std(), (5 - a_buf.mean()) / a_buf.std(),
-                (30 - b_buf.mean()) / b_buf.std()]
+    expected = [
+        (4 - a_buf.mean()) / a_buf.std(),
+        (5 - a_buf.mean()) / a_buf.std(),
+        (30 - b_buf.mean()) / b_buf.std(),
+    ]
     np.testing.assert_allclose(adv, expected, rtol=1e-5)
     assert tracker.state_dict() == {"a": [2.0, 3.0, 4.0, 5.0], "b": [10.0, 20.0, 30.0]}
 

@@ -97,8 +97,11 @@ def train_unet(pipe, cfg: PretrainConfig, rng: np.random.Generator) -> list[floa
             latents = vae.encode(to_tensor(images)).latent_dist.sample()
             latents = latents * vae.config.scaling_factor
         ids = tokenizer(
-            prompts, padding="max_length", max_length=tokenizer.model_max_length,
-            truncation=True, return_tensors="pt",
+            prompts,
+            padding="max_length",
+            max_length=tokenizer.model_max_length,
+            truncation=True,
+            return_tensors="pt",
         ).input_ids
         noise = torch.randn_like(latents)
         t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (len(prompts),))
@@ -111,8 +114,8 @@ def train_unet(pipe, cfg: PretrainConfig, rng: np.random.Generator) -> list[floa
         opt.step()
         sched.step()
         with torch.no_grad():
-            for model, shadow in zip((unet, text_encoder), ema):
-                for p, s in zip(model.parameters(), shadow.parameters()):
+            for model, shadow in zip((unet, text_encoder), ema, strict=True):
+                for p, s in zip(model.parameters(), shadow.parameters(), strict=True):
                     s.lerp_(p, 1.0 - cfg.ema_decay)
         losses.append(loss.item())
         bar.set_postfix(loss=f"{np.mean(losses[-100:]):.4f}")

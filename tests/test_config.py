@@ -1,0 +1,113 @@
+"""Task presets, prompt files and configuration errors."""
+
+import dataclasses
+
+import pytest
+
+from ddpo.config import (
+    Config,
+    SampleConfig,
+    TrainConfig,
+    animal_activities,
+    imagenet_animals,
+    read_prompt_file,
+    simple_animals,
+    task_config,
+)
+from learner.run import Args, build_config, main
+
+
+def test_paper_presets():
+    comp = task_config("compressibility", "CompVis/stable-diffusion-v1-4")
+    assert comp.samples_per_epoch == 32 and comp.train.gradient_accumulation_steps == 2
+    assert (
+        comp.sample.num_steps == 50 and comp.sample.guidance_scale == 5.0 and comp.sample.eta == 1.0
+    )
+    assert (
+        comp.train.clip_range == 1e-4
+        and comp.train.adv_clip_max == 5
+        and comp.train.learning_rate == 3e-4
+    )
+    assert len(comp.prompts) == 398 and comp.prompts[0].startswith("tench")
+    aes = task_config("aesthetic", "some/model")
+    assert aes.model == "some/model" and aes.stat_tracker.buffer_size == 32 and aes.epochs == 200
+    assert len(simple_animals()) == 45
+    align = task_config("alignment", "x/y")
+    assert align.train.gradient_accumulation_steps == 6 and align.prompts == animal_activities()
+    assert len(animal_activities()) == 135
+    assert (
+        "an ant riding a bike" in animal_activities()
+        or "an elephant playing chess" in animal_activities()
+    )
+    assert len(imagenet_animals()) == 398
+
+
+def test_tiny_presets_use_the_tiny_world():
+    from ddpo.tiny import world
+
+    for task in ("compressibility", "incompressibility"):
+        config = task_config(task, "tiny")
+        assert set(config.prompts) == set(world.all_prompts())
+        assert config.sample.num_steps < 50
+
+
+def test_unknown_task():
+    with pytest.raises(ValueError, match="unknown task 'nope'; choose one of compressibility"):
+        task_config("nope")
+
+
+def test_prompt_files(tmp_path):
+    good = tmp_path / "p.txt"
+    good.write_text("# animals\na cat\n\n  a dog  \n")
+    assert read_prompt_file(good) == ("a cat", "a dog")
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n# only a comment\n")
+    with pytest.raises(ValueError, match="holds no prompts"):
+        read_prompt_file(empty)
+    binary = tmp_path / "bin.txt"
+    binary.write_bytes(b"\xff\xfe\x00bad")
+    with pytest.raises(ValueError, match="not UTF-8"):
+        read_prompt_file(binary)
+    with pytest.raises(ValueError, match="does not exist"):
+        read_prompt_file(tmp_path / "missing.txt")
+    config = build_config(Args(prompts=good, run_dir=tmp_path / "run"))
+    assert config.prompts == ("a cat", "a dog")
+
+
+def test_batch_sizes_must_divide():
+    base = task_config("compressibility")
+    with pytest.raises(ValueError, match="do not divide into optimizer steps"):
+        dataclasses.replace(base, sample=SampleConfig(batch_size=5, num_batches_per_epoch=1))
+    with pytest.raises(ValueError, match="not divisible by num_samplers=3"):
+        dataclasses.replace(base, num_samplers=3)
+    with pytest.raises(ValueError, match="eta"):
+        SampleConfig(eta=0.0)
+    with pytest.raises(ValueError, match="timestep_fraction"):
+        TrainConfig(timestep_fraction=0.0)
+    with pytest.raises(ValueError, match="prompt set is empty"):
+        Config(prompts=())
+
+
+def test_cli_help_lists_tasks(capsys):
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    out = capsys.readouterr().out
+    for task in ("compressibility", "incompressibility", "aesthetic", "alignment"):
+        assert task in out
+    for flag in (
+        "--task",
+        "--model",
+        "--epochs",
+        "--run-dir",
+        "--seed",
+        "--address",
+        "--num-samplers",
+        "--prompts",
+    ):
+        assert flag in out
+
+
+def test_cli_rejects_unknown_task(capsys):
+    with pytest.raises(SystemExit):
+        main(["--task", "nope"])
+    assert "nope" in capsys.readouterr().err
