@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from actors.metrics import ray_actor_metrics
 from rewards import RewardFn, make_reward, parse_reward_spec
 
 GPU_PER_ACTOR = {"aesthetic": 0.25, "alignment": 1.0}
@@ -96,6 +97,7 @@ class RewardWorker:
         self._model_lock = threading.Lock()  # one model call at a time
         self._stats = {"calls": 0, "model_calls": 0, "images": 0, "busy_seconds": 0.0}
         self._started = time.monotonic()
+        self.metrics = ray_actor_metrics()
 
     def score(self, batch: dict) -> tuple[np.ndarray, dict]:
         """batch: {"images": uint8 [N, H, W, 3], "prompts": [N], "batch_id"} -> (rewards [N], info).
@@ -108,13 +110,21 @@ class RewardWorker:
                 f"{getattr(images, 'shape', type(images).__name__)} and {len(prompts)} prompts"
             )
         request = _Request(images, prompts)
+        start = time.perf_counter()
         with self._pending_lock:
             self._pending.append(request)
             self._stats["calls"] += 1
+            if self.metrics:
+                depth = len(self._pending)
+                self.metrics.queue_depth.set(depth, tags={"queue": f"reward_{self.name}"})
         while not request.done.is_set():
             with self._model_lock:
                 if not request.done.is_set():
                     self._run(self._take())
+        if self.metrics:
+            self.metrics.reward_latency.observe(
+                time.perf_counter() - start, tags={"reward": self.name}
+            )
         if request.error is not None:
             raise request.error
         assert request.result is not None

@@ -5,9 +5,12 @@ A plain class; `learner.run` wraps it with `ray.remote` where it creates the act
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import torch
 
+from actors.metrics import ray_actor_metrics
 from ddpo.config import Config
 from ddpo.policy import Policy, load_pipeline
 from ddpo.trajectory import Trajectory
@@ -27,6 +30,8 @@ class Sampler:
         )
         self.version = 0
         self.sequence = 0
+        self.metrics = ray_actor_metrics()
+        self.tags = {"sampler_id": str(sampler_id)}
 
     def set_weights(self, version: int, state: dict[str, torch.Tensor]) -> int:
         """Load LoRA weights of `version`; called between batches, never inside a trajectory."""
@@ -38,5 +43,9 @@ class Sampler:
         """One batch: the trajectory (for the learner) and the reward input (for reward actors)."""
         batch_id = f"{self.sampler_id}-{self.sequence}"
         self.sequence += 1
+        start = time.perf_counter()
         traj = self.policy.sample(prompts, seeds, self.version, self.sampler_id, batch_id)
+        if self.metrics:
+            self.metrics.samples_produced.inc(len(traj), tags=self.tags)
+            self.metrics.sampling_seconds.observe(time.perf_counter() - start, tags=self.tags)
         return traj, {"images": traj.images, "prompts": traj.prompts, "batch_id": batch_id}

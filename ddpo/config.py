@@ -106,6 +106,14 @@ class Config:
     """Ray address to join; default starts a local Ray instance."""
     device: str = "cpu"
     """cpu or cuda."""
+    metrics_port: int | None = None
+    """Serve Prometheus metrics of the driver on this port (0 picks a free one); off if None."""
+    metrics_host: str = "127.0.0.1"
+    """Interface of the metrics endpoint; 0.0.0.0 to let a Prometheus on another host scrape it."""
+    grid_every: int = 0
+    """Also save an image grid every N epochs (0: only at the start and the end)."""
+    tensorboard: bool = False
+    """Log scalars and grids to RUN_DIR/tensorboard (needs `pip install tensorboard`)."""
     grid_prompts: int = 4
     """Fixed prompts (the first of the set) in the start/end image grids."""
     grid_seeds: int = 4
@@ -181,27 +189,43 @@ def animal_activities() -> tuple[str, ...]:
 
 
 def tiny_world() -> tuple[str, ...]:
+    """All 72 prompts of the tiny model's world."""
     from ddpo.tiny import world
 
     return tuple(world.all_prompts())
 
 
+def tiny_prompts() -> tuple[str, ...]:
+    """Six prompts of the tiny world, one per colour, shapes and backgrounds cycling."""
+    from ddpo.tiny import world
+
+    return tuple(
+        world.prompt_for(colour, world.SHAPES[i % 3], world.BACKGROUNDS[i % 4])
+        for i, colour in enumerate(world.COLOURS)
+    )
+
+
 # ----- task presets -----
 def compressibility(tiny: bool, reward: str = "jpeg_compressibility") -> Config:
+    task = "compressibility" if reward == "jpeg_compressibility" else "incompressibility"
     if tiny:
+        # Measured on 2 CPU cores (see the closing note of the core issue): with the paper's
+        # lr 3e-4 and clip 1e-4 the tiny model does not move in a few minutes; lr 1e-2 with a
+        # wider clip learns, and six prompts give the per-prompt stat tracker enough samples.
         return Config(
-            task="compressibility" if reward == "jpeg_compressibility" else "incompressibility",
+            task=task,
             model="tiny",
             reward=reward,
-            prompts=tiny_world(),
-            epochs=20,
+            prompts=tiny_prompts(),
+            epochs=30,
             sample=SampleConfig(num_steps=20, batch_size=8, num_batches_per_epoch=4),
-            train=TrainConfig(learning_rate=1e-2, batch_size=8, gradient_accumulation_steps=1),
+            train=TrainConfig(learning_rate=1e-2, clip_range=0.1, batch_size=8),
             stat_tracker=StatTrackerConfig(buffer_size=16, min_count=4),
+            grid_prompts=6,
         )
     # Paper: 8 GPUs x 8 x 4 samples per epoch, train batch 4, 2 accumulation steps, 100 epochs.
     return Config(
-        task="compressibility" if reward == "jpeg_compressibility" else "incompressibility",
+        task=task,
         model="CompVis/stable-diffusion-v1-4",
         reward=reward,
         prompts=imagenet_animals(),

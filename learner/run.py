@@ -16,7 +16,7 @@ import logging
 import os
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -30,6 +30,8 @@ from ddpo.config import Config, read_prompt_file, task_config
 from ddpo.images import save_grid
 from ddpo.lora import save_lora
 from learner.learner import Learner
+from learner.metrics import metrics_exporter
+from learner.report import TensorBoardWriter, grid_name, write_report
 from learner.stat_tracker import PerPromptStatTracker, batch_advantages
 from rewards import (
     combine_rewards,
@@ -73,6 +75,14 @@ class Args:
     """cpu or cuda."""
     in_process: bool = False
     """Run every part in this process without Ray (debugging)."""
+    metrics_port: int | None = None
+    """Serve Prometheus metrics on this port (0 picks a free one)."""
+    metrics_host: str = "127.0.0.1"
+    """Interface for the metrics endpoint (0.0.0.0 to be scraped from other hosts)."""
+    grid_every: int = 0
+    """Save an image grid of fixed prompts and seeds every N epochs (0: start and end only)."""
+    tensorboard: bool = False
+    """Also log to RUN_DIR/tensorboard (needs the tensorboard package)."""
 
 
 def build_config(args: Args) -> Config:
@@ -93,6 +103,10 @@ def build_config(args: Args) -> Config:
         reward=args.reward or config.reward,
         reward_options=args.reward_model,
         device=args.device,
+        metrics_port=args.metrics_port,
+        metrics_host=args.metrics_host,
+        grid_every=args.grid_every,
+        tensorboard=args.tensorboard,
         train=train,
     )
 
@@ -118,6 +132,9 @@ class OnRay:
         import ray
 
         self.ray = ray
+        # Inside `ray job submit` RAY_ADDRESS names the cluster: join it.
+        address = address or os.environ.get("RAY_ADDRESS")
+        self.joined = bool(address)
         if not ray.is_initialized():
             if address:
                 ray.init(address=address)
@@ -127,14 +144,20 @@ class OnRay:
 
     def create(self, cls: type, *args: Any, options: dict | None = None) -> Any:
         options = dict(options or {"num_cpus": 1})
-        # Role resources place actors on their node type; a cluster without them (a plain
-        # `ray start`) still runs everything, with a warning.
-        available = self.ray.cluster_resources()
+        # Role resources place actors on their node type. On a joined cluster they are kept even
+        # when no node offers them yet (the autoscaler starts one); on a Ray instance of this
+        # process that lacks them, the actor goes anywhere, with a warning.
         wanted = options.pop("resources", {})
-        missing = [name for name in wanted if name not in available]
-        if missing:
-            log.warning("cluster offers no %s resource; placing %s anywhere", missing, cls.__name__)
-        resources = {k: v for k, v in wanted.items() if k in available}
+        resources = wanted
+        if not self.joined:
+            available = self.ray.cluster_resources()
+            resources = {k: v for k, v in wanted.items() if k in available}
+            if len(resources) < len(wanted):
+                log.warning(
+                    "Ray offers no %s; placing %s anywhere",
+                    sorted(set(wanted) - set(resources)),
+                    cls.__name__,
+                )
         return self.ray.remote(cls).options(**options, resources=resources).remote(*args)
 
     def call(self, handle: Any, method: str, *args: Any, num_returns: int = 1) -> Any:
@@ -142,6 +165,16 @@ class OnRay:
 
     def get(self, refs: Any) -> Any:
         return self.ray.get(refs)
+
+
+ROLE_SHARE = 0.001
+"""Each actor asks this much of its role resource: the resource says which node type may host
+it, the CPU/GPU request how many fit on one node."""
+
+
+def role_options(role: str, gpu: bool) -> dict[str, Any]:
+    """Ray options of a sampler or learner actor: its role resource, and one GPU on GPU runs."""
+    return {"num_cpus": 1, "num_gpus": 1 if gpu else 0, "resources": {role: ROLE_SHARE}}
 
 
 def epoch_schedule(config: Config, epoch: int) -> tuple[list[str], np.ndarray]:
@@ -174,127 +207,197 @@ def format_record(record: dict) -> str:
     return "  ".join(parts)
 
 
-def train(config: Config, wiring: InProcess | OnRay | None = None) -> list[dict]:
-    """Run `config.epochs` sync DDPO epochs; return the per-epoch metrics."""
-    run_dir = Path(config.run_dir or "runs/run")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.json").write_text(
-        json.dumps(dataclasses.asdict(config), indent=2, default=str)
-    )
-    terms = parse_reward_spec(config.reward)
-    options = reward_options(
-        config.reward, parse_reward_options(config.reward_options), tiny=config.model == "tiny"
-    )
-    wiring = wiring or OnRay(
-        config.address,
-        min_cpus=config.num_samplers + len(terms) + 1,
-        resources=local_role_resources(config.reward),
-    )
+class Driver:
+    """Creates the actors of a run and drives its sync epochs; every step is one named call."""
 
-    # Sync mode: samplers run together, then the learner alone; split the cores accordingly.
-    threads = os.cpu_count() or 1
-    sampler_threads = max(1, threads // config.num_samplers)
-    samplers = [
-        wiring.create(Sampler, config, i, sampler_threads) for i in range(config.num_samplers)
-    ]
-    gpu = config.device.startswith("cuda")
-    scorers = {
-        name: wiring.create(
-            RewardWorker, name, options[name], options=reward_actor_options(name, gpu=gpu)
+    def __init__(self, config: Config, wiring: InProcess | OnRay | None = None):
+        self.config = config
+        self.run_dir = Path(config.run_dir or "runs/run")
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        (self.run_dir / "config.json").write_text(
+            json.dumps(dataclasses.asdict(config), indent=2, default=str)
         )
-        for _, name in terms
-    }
-    learner = wiring.create(Learner, config, threads)
-    tracker = PerPromptStatTracker(config.stat_tracker.buffer_size, config.stat_tracker.min_count)
+        self.terms = parse_reward_spec(config.reward)
+        options = reward_options(
+            config.reward, parse_reward_options(config.reward_options), tiny=config.model == "tiny"
+        )
+        self.wiring = wiring or OnRay(
+            config.address,
+            min_cpus=config.num_samplers + len(self.terms) + 1,
+            resources={"sampler": config.num_samplers, "learner": 1}
+            | local_role_resources(config.reward),
+        )
+        self.exporter = metrics_exporter(config.metrics_port, config.metrics_host)
+        self.board = TensorBoardWriter(self.run_dir / "tensorboard") if config.tensorboard else None
 
-    def publish() -> int:
-        # One object-store copy of the CPU LoRA state dict; every sampler gets its ref.
-        version, state = wiring.call(learner, "weights", num_returns=2)
-        wiring.get([wiring.call(s, "set_weights", version, state) for s in samplers])
-        return wiring.get(version)
-
-    def score(reward_input: Any) -> dict[str, Any]:
-        # Every reward reads the images from the object store by ref, not through the driver.
-        return {name: wiring.call(w, "score", reward_input) for name, w in scorers.items()}
-
-    def grid(name: str) -> None:
-        prompts, seeds = grid_schedule(config)
-        traj, _ = wiring.call(samplers[0], "sample", prompts, seeds, num_returns=2)
-        save_grid(wiring.get(traj).images, run_dir / name, columns=config.grid_seeds)
-
-    publish()
-    grid("grid_start.png")
-    history = []
-    metrics_file = (run_dir / "metrics.jsonl").open("a")
-    samples_file = (run_dir / "samples.jsonl").open("a")
-    for epoch in range(config.epochs):
-        start = time.time()
-        version = publish()
-
-        # Sample: each sampler takes every S-th batch of the epoch's prompts and seeds.
-        prompts, seeds = epoch_schedule(config, epoch)
-        b = config.sample.batch_size
-        batches = []
-        for i in range(config.sample.num_batches_per_epoch):
-            sl = slice(i * b, (i + 1) * b)
-            sampler = samplers[i % len(samplers)]
-            traj, reward_input = wiring.call(
-                sampler, "sample", prompts[sl], seeds[sl], num_returns=2
+        # Sync mode: samplers run together, then the learner alone; split the cores accordingly.
+        threads = os.cpu_count() or 1
+        gpu = config.device.startswith("cuda")
+        create = self.wiring.create
+        self.samplers = [
+            create(
+                Sampler,
+                config,
+                i,
+                max(1, threads // config.num_samplers),
+                options=role_options("sampler", gpu),
             )
-            batches.append((traj, prompts[sl], score(reward_input)))
+            for i in range(config.num_samplers)
+        ]
+        self.scorers = {
+            name: create(
+                RewardWorker, name, options[name], options=reward_actor_options(name, gpu=gpu)
+            )
+            for _, name in self.terms
+        }
+        self.learner = create(Learner, config, threads, options=role_options("learner", gpu))
+        self.tracker = PerPromptStatTracker(
+            config.stat_tracker.buffer_size, config.stat_tracker.min_count
+        )
 
-        # Score; a batch whose reward is not finite is dropped (and counted), never trained on.
-        kept_trajs, kept_prompts, kept_rewards, dropped = [], [], [], 0
+    # ----- the steps of an epoch -----
+    def publish(self) -> int:
+        """One object-store copy of the CPU LoRA state dict; every sampler gets its ref."""
+        w = self.wiring
+        version, state = w.call(self.learner, "weights", num_returns=2)
+        w.get([w.call(s, "set_weights", version, state) for s in self.samplers])
+        return w.get(version)
+
+    def sample_and_score(self, epoch: int) -> list[tuple[Any, list[str], dict[str, Any]]]:
+        """Launch the epoch's sampler calls (every S-th batch to sampler S) and their rewards;
+        reward actors read the images from the object store by ref, never through the driver."""
+        prompts, seeds = epoch_schedule(self.config, epoch)
+        b, w = self.config.sample.batch_size, self.wiring
+        batches = []
+        for i in range(self.config.sample.num_batches_per_epoch):
+            sl = slice(i * b, (i + 1) * b)
+            sampler = self.samplers[i % len(self.samplers)]
+            traj, reward_input = w.call(sampler, "sample", prompts[sl], seeds[sl], num_returns=2)
+            scores = {n: w.call(s, "score", reward_input) for n, s in self.scorers.items()}
+            batches.append((traj, prompts[sl], scores))
+        return batches
+
+    def collect(self, epoch: int, batches: list, samples_file: Any) -> Epoch:
+        """Wait for the rewards; a batch with a non-finite reward is dropped and counted."""
+        out = Epoch(per_term={name: [] for _, name in self.terms})
         bar = tqdm(batches, desc=f"epoch {epoch} sample+score", leave=False, disable=None)
-        for traj, batch_prompts, refs in bar:
-            results = {name: wiring.get(ref) for name, ref in refs.items()}
-            rewards, info = combine_rewards(terms, results)
+        for traj, prompts, refs in bar:
+            results = {name: self.wiring.get(ref) for name, ref in refs.items()}
+            rewards, info = combine_rewards(self.terms, results)
             if not np.isfinite(rewards).all():
                 log.warning("epoch %d: dropping a batch with non-finite rewards %s", epoch, rewards)
-                dropped += 1
+                out.dropped += 1
                 continue
-            kept_trajs.append(traj)
-            kept_prompts.extend(batch_prompts)
-            kept_rewards.append(rewards)
-            for record in sample_records(batch_prompts, rewards, info):
+            out.trajs.append(traj)
+            out.prompts.extend(prompts)
+            out.rewards.append(rewards)
+            for name, (term_rewards, _) in results.items():
+                out.per_term[name].append(np.asarray(term_rewards, np.float32))
+            for record in sample_records(prompts, rewards, info):
                 samples_file.write(json.dumps({"epoch": epoch, **record}, default=float) + "\n")
-        if not kept_trajs:
+        if not out.trajs:
             raise RuntimeError(f"epoch {epoch}: every batch had non-finite rewards; stopping")
-        rewards = np.concatenate(kept_rewards)
+        return out
 
-        # Advantages, then one learner update on the epoch's trajectories.
-        if config.stat_tracker.per_prompt:
-            advantages = tracker.update(kept_prompts, rewards)
-        else:
-            advantages = batch_advantages(rewards)
-        update = wiring.get(wiring.call(learner, "update", advantages, rewards, *kept_trajs))
+    def advantages(self, prompts: list[str], rewards: np.ndarray) -> np.ndarray:
+        if self.config.stat_tracker.per_prompt:
+            return self.tracker.update(prompts, rewards)
+        return batch_advantages(rewards)
 
-        record = {
-            "epoch": epoch,
-            "policy_version": version,
-            "reward_mean": float(rewards.mean()),
-            "reward_std": float(rewards.std()),
-            "loss": update.get("loss"),
-            "approx_kl": update.get("approx_kl"),
-            "clipfrac": update.get("clipfrac"),
-            "grad_norm": update.get("grad_norm"),
-            "samples": int(len(rewards)),
-            "batches_dropped": dropped,
-            "seconds": round(time.time() - start, 3),
-        }
-        history.append(record)
+    def update(self, advantages: np.ndarray, rewards: np.ndarray, trajs: list) -> dict:
+        w = self.wiring
+        return w.get(w.call(self.learner, "update", advantages, rewards, *trajs))
+
+    def grid(self, when: int | str) -> None:
+        """Image grid of the fixed prompts x seeds under the current weights."""
+        prompts, seeds = grid_schedule(self.config)
+        traj, _ = self.wiring.call(self.samplers[0], "sample", prompts, seeds, num_returns=2)
+        path = self.run_dir / grid_name(when)
+        save_grid(self.wiring.get(traj).images, path, columns=self.config.grid_seeds)
+        if self.board:
+            self.board.image("grid", path, step=when if isinstance(when, int) else 0)
+
+    def log(self, record: dict, metrics_file: Any) -> None:
         metrics_file.write(json.dumps(record) + "\n")
         metrics_file.flush()
-        samples_file.flush()
+        self.exporter.update(record)
+        if self.board:
+            self.board.scalars(record, record["epoch"])
         print(format_record(record), flush=True)
-    metrics_file.close()
-    samples_file.close()
 
-    publish()
-    version, state = wiring.call(learner, "weights", num_returns=2)
-    save_lora(wiring.get(state), run_dir / "lora")
-    grid("grid_end.png")
-    return history
+    # ----- the loop -----
+    def run(self) -> list[dict]:
+        """Run `config.epochs` sync DDPO epochs; return the per-epoch metrics."""
+        try:
+            return self._run()
+        finally:
+            self.exporter.close()
+            if self.board:
+                self.board.close()
+            if (self.run_dir / "metrics.jsonl").exists():
+                write_report(self.run_dir)
+
+    def _run(self) -> list[dict]:
+        config, history = self.config, []
+        self.publish()
+        self.grid("start")
+        with (
+            (self.run_dir / "metrics.jsonl").open("a") as metrics_file,
+            (self.run_dir / "samples.jsonl").open("a") as samples_file,
+        ):
+            for epoch in range(config.epochs):
+                start = time.time()
+                version = self.publish()
+                batches = self.sample_and_score(epoch)
+                got = self.collect(epoch, batches, samples_file)
+                rewards = np.concatenate(got.rewards)
+                advantages = self.advantages(got.prompts, rewards)
+                update = self.update(advantages, rewards, got.trajs)
+
+                record = {
+                    "epoch": epoch,
+                    "policy_version": version,
+                    "reward_mean": float(rewards.mean()),
+                    "reward_std": float(rewards.std()),
+                    "loss": update.get("loss"),
+                    "approx_kl": update.get("approx_kl"),
+                    "clipfrac": update.get("clipfrac"),
+                    "grad_norm": update.get("grad_norm"),
+                    "samples": int(len(rewards)),
+                    "batches_dropped": got.dropped,
+                    "seconds": round(time.time() - start, 3),
+                }
+                if len(self.terms) > 1:
+                    for name, parts in got.per_term.items():
+                        record[f"reward/{name}/mean"] = float(np.concatenate(parts).mean())
+                        record[f"reward/{name}/std"] = float(np.concatenate(parts).std())
+                history.append(record)
+                self.log(record, metrics_file)
+                if config.grid_every and (epoch + 1) % config.grid_every == 0:
+                    self.grid(epoch + 1)
+                samples_file.flush()
+
+        self.publish()
+        _, state = self.wiring.call(self.learner, "weights", num_returns=2)
+        save_lora(self.wiring.get(state), self.run_dir / "lora")
+        self.grid("end")
+        return history
+
+
+@dataclass
+class Epoch:
+    """What one epoch's scoring kept, in sample order."""
+
+    trajs: list = field(default_factory=list)  # Trajectory batches or their refs
+    prompts: list[str] = field(default_factory=list)
+    rewards: list[np.ndarray] = field(default_factory=list)
+    per_term: dict[str, list[np.ndarray]] = field(default_factory=dict)
+    dropped: int = 0
+
+
+def train(config: Config, wiring: InProcess | OnRay | None = None) -> list[dict]:
+    """Run `config.epochs` sync DDPO epochs; return the per-epoch metrics."""
+    return Driver(config, wiring).run()
 
 
 def main(argv: list[str] | None = None) -> None:

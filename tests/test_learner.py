@@ -29,7 +29,9 @@ def small_config(algorithm="ddpo_is", learning_rate=1e-3, **train):
 
 def make_learner(tiny_pipe, config):
     s = config.sample
-    policy = Policy(copy.deepcopy(tiny_pipe), s.num_steps, s.guidance_scale, s.eta, config.train.lora_rank)
+    policy = Policy(
+        copy.deepcopy(tiny_pipe), s.num_steps, s.guidance_scale, s.eta, config.train.lora_rank
+    )
     return Learner(config, policy=policy)
 
 
@@ -37,8 +39,11 @@ def make_learner(tiny_pipe, config):
 def test_update_moves_weights_and_bumps_version(tiny_pipe, algorithm):
     config = small_config(algorithm)
     learner = make_learner(tiny_pipe, config)
-    prompts = list(config.prompts[:8])
-    batches = [learner.policy.sample(prompts[:4], [0, 1, 2, 3]), learner.policy.sample(prompts[4:], [4, 5, 6, 7])]
+    prompts = [config.prompts[i % len(config.prompts)] for i in range(8)]
+    batches = [
+        learner.policy.sample(prompts[:4], [0, 1, 2, 3]),
+        learner.policy.sample(prompts[4:], [4, 5, 6, 7]),
+    ]
     rewards = np.linspace(-1, 1, 8).astype(np.float32)
     _, before = learner.weights()
     metrics = learner.update(rewards, rewards, *batches)

@@ -1,0 +1,227 @@
+"""Export a run's LoRA for plain diffusers, with a model card.
+
+    python -m learner.export runs/aesthetic-20250101-120000 ./ddpo-aesthetic-lora
+
+OUT_DIR gets `pytorch_lora_weights.safetensors` (the run's `lora/` file, checked and copied
+byte for byte), a `README.md` model card (task, base model, reward curve summary, sampling
+settings, the full config) and, when the run has them, `reward_curve.png` and the start/end
+image grids. Then, in any diffusers program:
+
+    pipe = StableDiffusionPipeline.from_pretrained(BASE_MODEL)
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)   # the sampler we trained
+    pipe.load_lora_weights(OUT_DIR)
+    pipe(prompt, num_inference_steps=50, guidance_scale=5.0, eta=1.0)
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import tyro
+
+LORA_FILE = "pytorch_lora_weights.safetensors"  # ddpo.lora.LORA_FILE, without importing diffusers
+CARD_FILE = "README.md"
+
+
+class ExportError(RuntimeError):
+    """A run directory cannot be exported; the message names the file and the fix."""
+
+
+def check_run_dir(run_dir: Path) -> tuple[dict[str, Any], Path]:
+    """The run's config and the path of its LoRA file, after checking both can be read."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise ExportError(
+            f"run directory {run_dir} does not exist; pass the directory that "
+            "`python -m learner.run` wrote (runs/<task>-<time> or its --run-dir)"
+        )
+    config_path = run_dir / "config.json"
+    if not config_path.is_file():
+        raise ExportError(
+            f"{run_dir} has no config.json, so it is not a run directory of learner.run; "
+            "pass the directory that holds config.json, metrics.jsonl and lora/"
+        )
+    try:
+        config = json.loads(config_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ExportError(
+            f"{config_path} is corrupt ({err}); it is written by learner.run"
+        ) from err
+    if not isinstance(config, dict):
+        raise ExportError(f"{config_path} is not a JSON object; it is written by learner.run")
+    lora = run_dir / "lora" / LORA_FILE
+    if not lora.is_file():
+        raise ExportError(
+            f"{lora} does not exist: the run has not finished (learner.run writes the LoRA when "
+            "its last epoch ends); wait for the run or export another one"
+        )
+    check_lora_file(lora)
+    return config, lora
+
+
+def check_lora_file(path: Path) -> int:
+    """Check that `path` is a readable diffusers UNet LoRA with finite weights; its tensor count."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        state = load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as err:
+        raise ExportError(
+            f"{path} is corrupt ({type(err).__name__}: {err}); re-run or resume the training run"
+        ) from err
+    bad = [k for k in state if not (k.startswith("unet.") and "lora" in k)]
+    if not state or bad:
+        raise ExportError(
+            f"{path} is not a diffusers UNet LoRA (keys like unet.*lora*); found "
+            f"{bad[:3] or 'no tensors'}"
+        )
+    not_finite = [k for k, v in state.items() if not v.float().isfinite().all()]
+    if not_finite:
+        raise ExportError(
+            f"{path} holds NaN/inf weights ({not_finite[:3]}): the run diverged; export an "
+            "earlier checkpoint or retrain with a lower learning rate"
+        )
+    return len(state)
+
+
+def export_lora(run_dir: Path, out_dir: Path, overwrite: bool = False) -> Path:
+    """Write the run's LoRA, model card and plots into out_dir; return the LoRA path there."""
+    from learner.report import grid_files, plot_reward_curve, read_metrics
+
+    run_dir, out_dir = Path(run_dir), Path(out_dir)
+    config, lora = check_run_dir(run_dir)
+    metrics_path = run_dir / "metrics.jsonl"
+    try:
+        records = read_metrics(metrics_path) if metrics_path.is_file() else []
+    except ValueError as err:
+        raise ExportError(f"{err}; fix or delete that line and export again") from err
+    target = out_dir / LORA_FILE
+    if target.exists() and not overwrite:
+        raise ExportError(f"{target} exists; pass --overwrite or choose another OUT_DIR")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(lora, target)
+    images = []
+    if records:
+        plot_reward_curve(records, out_dir / "reward_curve.png", title=_title(config))
+        images.append("reward_curve.png")
+    for grid in grid_files(run_dir):
+        if grid.name in ("grid_start.png", "grid_end.png"):
+            shutil.copyfile(grid, out_dir / grid.name)
+            images.append(grid.name)
+    (out_dir / CARD_FILE).write_text(model_card(config, records, images, out_dir.name))
+    return target
+
+
+def _title(config: dict[str, Any]) -> str:
+    return f"{config.get('task', 'ddpo')} on {config.get('model', '?')}"
+
+
+def model_card(
+    config: dict[str, Any], records: list[dict[str, Any]], images: list[str], name: str
+) -> str:
+    """A Hugging Face style model card (YAML front matter + markdown)."""
+    from learner.report import reward_summary
+
+    model = str(config.get("model", "?"))
+    task, reward = config.get("task", "?"), config.get("reward", "?")
+    sample, train = config.get("sample", {}), config.get("train", {})
+    steps = sample.get("num_steps", 50)
+    guidance, eta = sample.get("guidance_scale", 5.0), sample.get("eta", 1.0)
+    front = ["---", "library_name: diffusers"]
+    if model != "tiny":
+        front.append(f"base_model: {model}")
+    front += ["tags: [stable-diffusion, lora, ddpo, reinforcement-learning, text-to-image]", "---"]
+    if model == "tiny":
+        load = 'from ddpo.policy import load_pipeline\npipe = load_pipeline("tiny")  # ddpo-ray\'s embedded tiny model'
+    else:
+        load = (
+            "from diffusers import DDIMScheduler, StableDiffusionPipeline\n"
+            f'pipe = StableDiffusionPipeline.from_pretrained("{model}")\n'
+            "pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)"
+        )
+    prompts = config.get("prompts") or ["a photo of a cat"]
+    summary = reward_summary(records)
+    lines = [
+        *front,
+        f"# DDPO LoRA: {task} on {model}",
+        "",
+        f"A LoRA (rank {train.get('lora_rank', '?')}, on the UNet's attention projections) trained "
+        f"with {train.get('algorithm', 'ddpo_is')} (DDPO, Black et al. 2023, arXiv 2305.13301) "
+        f"by ddpo-ray, to maximise the reward `{reward}`.",
+        "",
+        "## Use",
+        "",
+        "```python",
+        load,
+        f'pipe.load_lora_weights("{name}")  # this directory',
+        f"image = pipe({json.dumps(prompts[0])}, num_inference_steps={steps}, "
+        f"guidance_scale={guidance}, eta={eta}).images[0]",
+        "```",
+        "",
+        f"Trained with DDIM, {steps} steps, eta {eta}, guidance {guidance}: sample the same way.",
+        "",
+        "## Reward",
+        "",
+    ]
+    if records:
+        lines += ["| | |", "| --- | --- |"]
+        lines += [f"| {k.replace('_', ' ')} | {_fmt(v)} |" for k, v in summary.items()]
+    else:
+        lines.append("The run logged no epochs.")
+    lines += [""] + [f"![{image}]({image})" for image in images] + [""]
+    lines += [
+        "## Training config",
+        "",
+        "```json",
+        json.dumps(_without_prompts(config), indent=2),
+        "```",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def _without_prompts(config: dict[str, Any]) -> dict[str, Any]:
+    """The config with the prompt list shortened (the paper's sets have hundreds)."""
+    prompts = config.get("prompts")
+    if isinstance(prompts, list) and len(prompts) > 5:
+        return {**config, "prompts": [*prompts[:5], f"... {len(prompts) - 5} more"]}
+    return config
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float) and math.isfinite(value):
+        return f"{value:.4g}"
+    return str(value)
+
+
+def cli(
+    run_dir: Annotated[Path, tyro.conf.Positional, tyro.conf.arg(metavar="RUN_DIR")],
+    out_dir: Annotated[Path, tyro.conf.Positional, tyro.conf.arg(metavar="OUT_DIR")],
+    overwrite: bool = False,
+) -> None:
+    """Export a run's LoRA (for `StableDiffusionPipeline.load_lora_weights`) with a model card.
+
+    Args:
+        run_dir: The run directory (config.json, metrics.jsonl, lora/).
+        out_dir: Where to write the LoRA, README.md and plots.
+        overwrite: Replace a LoRA already in OUT_DIR.
+    """
+    try:
+        path = export_lora(run_dir, out_dir, overwrite)
+    except ExportError as err:
+        sys.exit(f"error: {err}")
+    print(f"wrote {path} and {Path(out_dir) / CARD_FILE}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    tyro.cli(cli, args=argv, prog="python -m learner.export")
+
+
+if __name__ == "__main__":
+    main()

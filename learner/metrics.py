@@ -1,0 +1,220 @@
+"""Prometheus metrics: the driver's learning metrics, and `ray.util.metrics` for the actors.
+
+The driver (`learner.run --metrics-port PORT`) serves its per-epoch metrics over HTTP with
+prometheus-client; Prometheus scrapes it beside Ray's own per-node endpoints, which carry what the
+actors record with `ray.util.metrics` (Ray prefixes those names with `ray_`).
+
+    exporter = MetricsExporter(port=8000)          # port 0 picks a free port: exporter.port
+    exporter.update({"epoch": 3, "reward_mean": -2.1, "reward/aesthetic/mean": 5.2, ...})
+    exporter.close()
+
+Driver metric names (the contract with deploy/grafana-dashboard.json; `record` key -> metric):
+
+| record key                          | metric                                        |
+| ----------------------------------- | --------------------------------------------- |
+| epoch, policy_version               | ddpo_epoch, ddpo_policy_version               |
+| reward_mean, reward_std             | ddpo_reward_mean{reward="total"}, ..._std     |
+| reward/<name>/mean, .../std         | ddpo_reward_mean{reward="<name>"}, ..._std    |
+| reward/<name>/busy_fraction         | ddpo_busy_fraction{role="reward_<name>"}      |
+| busy/<role> (sampler, learner, ...) | ddpo_busy_fraction{role="<role>"}             |
+| loss, approx_kl, clipfrac, grad_norm| ddpo_loss, ddpo_approx_kl, ...                |
+| staleness, staleness_max            | ddpo_staleness, ddpo_staleness_max            |
+| staleness/<k>/<stat>                | ddpo_<stat>_by_staleness{staleness="<k>"}     |
+| queue_depth                         | ddpo_queue_depth                              |
+| seconds, samples                    | ddpo_epoch_seconds, ddpo_samples_total (+=),  |
+|                                     | ddpo_samples_per_second (samples / seconds)   |
+| batches_dropped, batches_stale      | ddpo_batches_dropped_total{reason=...} (+=)   |
+| any other number                    | ddpo_metric{key="<key>"}                      |
+
+Actor metric names (`actor_metrics()`, as Prometheus sees them through Ray):
+ray_ddpo_samples_produced_total{sampler_id}, ray_ddpo_sampling_seconds_bucket{sampler_id},
+ray_ddpo_reward_latency_seconds_bucket{reward}, ray_ddpo_queue_depth{queue}.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from typing import Any
+
+PREFIX = "ddpo_"
+
+SCALARS = {
+    "epoch": ("epoch", "Last finished epoch."),
+    "policy_version": ("policy_version", "Policy version that sampled the last epoch."),
+    "loss": ("loss", "Training loss of the last epoch."),
+    "approx_kl": ("approx_kl", "0.5 * mean((log_prob_new - log_prob_old)^2) of the last epoch."),
+    "clipfrac": ("clipfrac", "Fraction of importance ratios outside the clip range."),
+    "grad_norm": ("grad_norm", "Gradient norm before clipping."),
+    "staleness": ("staleness", "Mean policy versions between sampling and training a batch."),
+    "staleness_mean": ("staleness", "Mean policy versions between sampling and training a batch."),
+    "staleness_max": ("staleness_max", "Largest staleness trained on in the last epoch."),
+    "queue_depth": ("queue_depth", "Sampled batches waiting for the learner."),
+    "seconds": ("epoch_seconds", "Wall-clock seconds of the last epoch."),
+}
+"""record key -> (metric name without the prefix, help) for plain gauges."""
+
+DROP_REASONS = {"batches_dropped": "non_finite_reward", "batches_stale": "stale"}
+"""Counters of dropped batches, by record key -> reason label."""
+
+REWARD_KEY = re.compile(r"^reward/(?P<name>[^/]+)/(?P<stat>mean|std|busy_fraction)$")
+BUSY_KEY = re.compile(r"^busy/(?P<role>[^/]+)$")
+STALENESS_KEY = re.compile(r"^staleness/(?P<k>\d+)/(?P<stat>[a-z_]+)$")
+
+
+class MetricsExporter:
+    """Serves the driver's per-epoch metrics in the Prometheus text format on http://host:port/.
+
+    Uses its own `CollectorRegistry`, so two exporters in one process (tests) do not collide.
+    port: 0 picks a free port (read `.port`). host: 127.0.0.1 serves this machine only; use
+    0.0.0.0 where Prometheus scrapes from another machine (a cluster, Kubernetes).
+    """
+
+    def __init__(self, port: int, host: str = "127.0.0.1"):
+        from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
+
+        if not 0 <= port < 65536:
+            raise ValueError(f"metrics port {port} is not a TCP port; pass 0 (any free) to 65535")
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        # Two record keys may feed one gauge (staleness, staleness_mean): one gauge per name.
+        self._gauges = {
+            name: Gauge(PREFIX + name, help, registry=r)
+            for name, help in dict(SCALARS.values()).items()
+        }
+        self.reward_mean = Gauge(
+            PREFIX + "reward_mean",
+            "Mean reward of the last epoch (total or one term).",
+            ["reward"],
+            registry=r,
+        )
+        self.reward_std = Gauge(
+            PREFIX + "reward_std",
+            "Reward standard deviation of the last epoch.",
+            ["reward"],
+            registry=r,
+        )
+        self.busy = Gauge(
+            PREFIX + "busy_fraction", "Fraction of time a role was busy.", ["role"], registry=r
+        )
+        self.samples_per_second = Gauge(
+            PREFIX + "samples_per_second", "Samples of the last epoch / its seconds.", registry=r
+        )
+        self.samples = Counter(PREFIX + "samples", "Samples trained on.", registry=r)
+        self.epochs = Counter(PREFIX + "epochs", "Epochs finished.", registry=r)
+        self.dropped = Counter(
+            PREFIX + "batches_dropped", "Batches not trained on.", ["reason"], registry=r
+        )
+        self.by_staleness: dict[str, Any] = {}
+        self.other = Gauge(
+            PREFIX + "metric",
+            "Any other numeric per-epoch metric, by its record key.",
+            ["key"],
+            registry=r,
+        )
+        try:
+            self._server, self._thread = start_http_server(port, addr=host, registry=r)
+        except OSError as err:
+            raise OSError(
+                f"cannot serve metrics on {host}:{port} ({err}); pick another --metrics-port, "
+                "or 0 for any free port"
+            ) from err
+        self.host = host
+        self.port: int = self._server.server_port
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}/metrics"
+
+    def update(self, record: dict[str, Any]) -> None:
+        """Set the gauges from one epoch's metrics and add its counts to the counters.
+
+        Values that are None, non-numeric or not finite are skipped (an algorithm without a
+        clipfrac, a reward that produced NaN)."""
+        for key, value in record.items():
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                continue
+            value = float(value)
+            if not math.isfinite(value):
+                continue
+            self._update_one(key, value)
+        samples, seconds = record.get("samples"), record.get("seconds")
+        if isinstance(samples, int | float) and isinstance(seconds, int | float) and seconds > 0:
+            self.samples_per_second.set(samples / seconds)
+        self.epochs.inc()
+
+    def _update_one(self, key: str, value: float) -> None:
+        if key in SCALARS:
+            self._gauges[SCALARS[key][0]].set(value)
+        elif key == "reward_mean":
+            self.reward_mean.labels(reward="total").set(value)
+        elif key == "reward_std":
+            self.reward_std.labels(reward="total").set(value)
+        elif key == "samples":
+            self.samples.inc(max(value, 0.0))
+        elif key in DROP_REASONS:
+            self.dropped.labels(reason=DROP_REASONS[key]).inc(max(value, 0.0))
+        elif m := REWARD_KEY.match(key):
+            name, stat = m["name"], m["stat"]
+            if stat == "busy_fraction":
+                self.busy.labels(role=f"reward_{name}").set(value)
+            else:
+                (self.reward_mean if stat == "mean" else self.reward_std).labels(reward=name).set(
+                    value
+                )
+        elif m := BUSY_KEY.match(key):
+            self.busy.labels(role=m["role"]).set(value)
+        elif m := STALENESS_KEY.match(key):
+            self._staleness_gauge(m["stat"]).labels(staleness=m["k"]).set(value)
+        else:
+            self.other.labels(key=key).set(value)
+
+    def _staleness_gauge(self, stat: str) -> Any:
+        from prometheus_client import Gauge
+
+        if stat not in self.by_staleness:
+            self.by_staleness[stat] = Gauge(
+                f"{PREFIX}{stat}_by_staleness",
+                f"{stat} of the last epoch's batches that were `staleness` versions old.",
+                ["staleness"],
+                registry=self.registry,
+            )
+        return self.by_staleness[stat]
+
+    def close(self) -> None:
+        """Stop serving (idempotent)."""
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            self._thread.join(timeout=5)
+            self._server = None
+
+    def __enter__(self) -> MetricsExporter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class NullExporter:
+    """Stands in for `MetricsExporter` when no --metrics-port is given."""
+
+    port = None
+    url = None
+
+    def update(self, record: dict[str, Any]) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def metrics_exporter(port: int | None, host: str = "127.0.0.1") -> MetricsExporter | NullExporter:
+    """A `MetricsExporter` on `port`, or a `NullExporter` when port is None (metrics off)."""
+    return NullExporter() if port is None else MetricsExporter(port, host)
+
+
+# The actors' ray.util.metrics live with the actors (actors/metrics.py); re-exported here.
+from actors.metrics import ActorMetrics, actor_metrics  # noqa: E402
+
+__all__ = ["ActorMetrics", "MetricsExporter", "NullExporter", "actor_metrics", "metrics_exporter"]
