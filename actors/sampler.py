@@ -1,10 +1,13 @@
 """The sampler: a policy replica that turns (prompts, seeds) into trajectories.
 
-A plain class; `learner.run` wraps it with `ray.remote` where it creates the actors.
+A plain class; `learner.run` wraps it with `ray.remote` where it creates the actors. On Ray,
+`set_weights` runs in its own concurrency group, so a new version can arrive while a batch is
+being sampled; it is applied when the next batch starts, never inside a trajectory.
 """
 
 from __future__ import annotations
 
+import threading
 import time
 
 import numpy as np
@@ -30,22 +33,42 @@ class Sampler:
         )
         self.version = 0
         self.sequence = 0
+        self._pending: tuple[int, dict[str, torch.Tensor]] | None = None
+        self._lock = threading.Lock()
         self.metrics = ray_actor_metrics()
         self.tags = {"sampler_id": str(sampler_id)}
 
     def set_weights(self, version: int, state: dict[str, torch.Tensor]) -> int:
-        """Load LoRA weights of `version`; called between batches, never inside a trajectory."""
-        self.policy.load_lora_state_dict(state)
-        self.version = version
+        """Queue LoRA weights of `version`; the next batch starts with them."""
+        with self._lock:
+            if self._pending is None or version > self._pending[0]:
+                self._pending = (version, state)
         return version
 
-    def sample(self, prompts: list[str], seeds: np.ndarray) -> tuple[Trajectory, dict]:
-        """One batch: the trajectory (for the learner) and the reward input (for reward actors)."""
+    def _apply_pending(self) -> None:
+        with self._lock:
+            pending, self._pending = self._pending, None
+        if pending is not None:
+            self.version, state = pending
+            self.policy.load_lora_state_dict(state)
+
+    def sample(self, prompts: list[str], seeds: np.ndarray) -> tuple[Trajectory, dict, dict]:
+        """One batch: the trajectory (for the learner), the reward input (for reward actors) and
+        a few bytes of metadata for the driver (batch id, policy version, size, seconds)."""
+        self._apply_pending()
         batch_id = f"{self.sampler_id}-{self.sequence}"
         self.sequence += 1
         start = time.perf_counter()
         traj = self.policy.sample(prompts, seeds, self.version, self.sampler_id, batch_id)
+        seconds = time.perf_counter() - start
         if self.metrics:
             self.metrics.samples_produced.inc(len(traj), tags=self.tags)
-            self.metrics.sampling_seconds.observe(time.perf_counter() - start, tags=self.tags)
-        return traj, {"images": traj.images, "prompts": traj.prompts, "batch_id": batch_id}
+            self.metrics.sampling_seconds.observe(seconds, tags=self.tags)
+        reward_input = {"images": traj.images, "prompts": traj.prompts, "batch_id": batch_id}
+        meta = {
+            "batch_id": batch_id,
+            "policy_version": self.version,
+            "samples": len(traj),
+            "seconds": seconds,
+        }
+        return traj, reward_input, meta

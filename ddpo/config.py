@@ -100,6 +100,14 @@ class Config:
     seed: int = 0
     num_samplers: int = 1
     """Sampler actors; sample.num_batches_per_epoch is split over them."""
+    mode: Literal["sync", "async"] = "sync"
+    """sync: sample, score, train, publish in turn (the reference). async: samplers never wait
+    for the learner; the learner trains on batches at most max_staleness versions old."""
+    max_staleness: int = 1
+    """async: a batch sampled with version v may train version v + k for k <= max_staleness;
+    older batches are dropped and counted."""
+    max_inflight: int = 2
+    """async: sampler calls in flight per sampler (backpressure)."""
     run_dir: Path | None = None
     """Output directory; default runs/<task>-<time>."""
     address: str | None = None
@@ -127,6 +135,11 @@ class Config:
             raise ValueError("the prompt set is empty; give a task preset or --prompts FILE")
         if self.epochs < 0:
             raise ValueError(f"epochs={self.epochs} must be >= 0")
+        if self.max_staleness < 0 or self.max_inflight < 1:
+            raise ValueError(
+                f"max_staleness={self.max_staleness} must be >= 0 and "
+                f"max_inflight={self.max_inflight} >= 1"
+            )
         if self.num_samplers < 1:
             raise ValueError(f"num_samplers={self.num_samplers} must be at least 1")
         if self.sample.num_batches_per_epoch % self.num_samplers:

@@ -37,6 +37,7 @@ class Learner:
         )
         self.generator = torch.Generator().manual_seed(config.seed + 1)
         self.version = 0
+        self.trained_batches: set[str] = set()  # every batch id is trained on at most once
 
     def weights(self) -> tuple[int, dict[str, torch.Tensor]]:
         """(policy version, CPU LoRA state dict): what gets published to samplers."""
@@ -46,6 +47,18 @@ class Learner:
         self, advantages: np.ndarray, rewards: np.ndarray, *batches: Trajectory
     ) -> dict[str, float]:
         """One epoch of training on `batches` (advantages and rewards in the same sample order)."""
+        seen = [b.batch_id for b in batches if b.batch_id in self.trained_batches]
+        if seen or len({b.batch_id for b in batches}) < len(batches):
+            raise ValueError(f"batches {seen or 'in this call'} were already trained on")
+        # Staleness of each sample: versions between the sampling policy and this one.
+        staleness = torch.cat(
+            [
+                torch.full((len(b),), self.version - b.policy_version, dtype=torch.long)
+                for b in batches
+            ]
+        )
+        if (staleness < 0).any():
+            raise ValueError(f"a batch claims a policy version newer than {self.version}")
         traj = Trajectory.concat(list(batches))
         adv = torch.as_tensor(np.asarray(advantages), dtype=torch.float32)
         rew = torch.as_tensor(np.asarray(rewards), dtype=torch.float32)
@@ -55,11 +68,16 @@ class Learner:
             )
         algorithm = self.config.train.algorithm
         if algorithm in ("ddpo_is", "ddpo_sf"):
-            metrics = self._policy_gradient(traj, adv, importance_sampling=algorithm == "ddpo_is")
+            metrics = self._policy_gradient(
+                traj, adv, staleness, importance_sampling=algorithm == "ddpo_is"
+            )
         else:
             metrics = self._reward_weighted_regression(traj, rew)
+        self.trained_batches.update(b.batch_id for b in batches)
         self.version += 1
         metrics["policy_version"] = self.version
+        metrics["staleness_mean"] = float(staleness.float().mean())
+        metrics["staleness_max"] = int(staleness.max())
         return metrics
 
     def _optimizer_step(self) -> float:
@@ -74,7 +92,11 @@ class Learner:
         return list(perm.split(self.config.train.batch_size))
 
     def _policy_gradient(
-        self, traj: Trajectory, adv: torch.Tensor, importance_sampling: bool
+        self,
+        traj: Trajectory,
+        adv: torch.Tensor,
+        staleness: torch.Tensor,
+        importance_sampling: bool,
     ) -> dict[str, float]:
         cfg = self.config.train
         b, t_total = traj.log_probs.shape
@@ -82,6 +104,7 @@ class Learner:
         # DDPO-SF is on-policy: all samples go into a single optimizer step.
         inner_epochs = cfg.num_inner_epochs if importance_sampling else 1
         stats: dict[str, list[float]] = defaultdict(list)
+        by_staleness: dict[str, list[float]] = defaultdict(list)  # "<k>/clipfrac" -> values
         for _ in range(inner_epochs):
             minibatches = self._minibatches(b)
             accumulate = (
@@ -111,11 +134,19 @@ class Learner:
                             info = {"approx_kl": 0.5 * ((log_prob - old) ** 2).mean()}
                     (loss / (accumulate * n_steps)).backward()
                     stats["loss"].append(loss.item())
+                    with torch.no_grad():  # per-sample diagnostics, grouped by staleness
+                        diff = log_prob.detach() - old
+                        clipped = (torch.exp(diff) - 1).abs() > cfg.clip_range
+                        for j, k in enumerate(staleness[idx].tolist()):
+                            by_staleness[f"{k}/approx_kl"].append(0.5 * diff[j].item() ** 2)
+                            by_staleness[f"{k}/clipfrac"].append(float(clipped[j]))
                     for key, value in info.items():
                         stats[key].append(value.item())
                 if (i + 1) % accumulate == 0 or i + 1 == len(minibatches):
                     stats["grad_norm"].append(self._optimizer_step())
-        return {key: float(np.mean(values)) for key, values in stats.items()}
+        metrics = {key: float(np.mean(values)) for key, values in stats.items()}
+        metrics |= {f"staleness/{k}": float(np.mean(v)) for k, v in by_staleness.items()}
+        return metrics
 
     def _reward_weighted_regression(
         self, traj: Trajectory, rewards: torch.Tensor

@@ -29,6 +29,7 @@ from actors.sampler import Sampler
 from ddpo.config import Config, read_prompt_file, task_config
 from ddpo.images import save_grid
 from ddpo.lora import save_lora
+from learner.async_driver import run_async
 from learner.learner import Learner
 from learner.metrics import metrics_exporter
 from learner.report import TensorBoardWriter, grid_name, write_report
@@ -63,6 +64,10 @@ class Args:
     """Ray cluster to join (e.g. auto); default starts a local Ray instance."""
     num_samplers: int = 1
     """Sampler actors."""
+    mode: Literal["sync", "async"] = "sync"
+    """sync (the reference) or async (samplers never wait for the learner)."""
+    max_staleness: int = 1
+    """async: train on batches at most this many policy versions old; drop older ones."""
     prompts: Path | None = None
     """Read the prompt set from this file, one prompt a line."""
     learning_rate: float | None = None
@@ -99,6 +104,8 @@ def build_config(args: Args) -> Config:
         seed=args.seed,
         address=args.address,
         num_samplers=args.num_samplers,
+        mode=args.mode,
+        max_staleness=args.max_staleness,
         prompts=prompts,
         reward=args.reward or config.reward,
         reward_options=args.reward_model,
@@ -118,7 +125,9 @@ class InProcess:
     def create(self, cls: type, *args: Any, options: dict | None = None) -> Any:
         return cls(*args)
 
-    def call(self, handle: Any, method: str, *args: Any, num_returns: int = 1) -> Any:
+    def call(
+        self, handle: Any, method: str, *args: Any, num_returns: int = 1, group: str | None = None
+    ) -> Any:
         return getattr(handle, method)(*args)
 
     def get(self, refs: Any) -> Any:
@@ -158,10 +167,20 @@ class OnRay:
                     sorted(set(wanted) - set(resources)),
                     cls.__name__,
                 )
-        return self.ray.remote(cls).options(**options, resources=resources).remote(*args)
+        # Concurrency groups belong to the actor class, not to .options().
+        groups = options.pop("concurrency_groups", None)
+        actor_cls = (
+            self.ray.remote(concurrency_groups=groups)(cls) if groups else self.ray.remote(cls)
+        )
+        return actor_cls.options(**options, resources=resources).remote(*args)
 
-    def call(self, handle: Any, method: str, *args: Any, num_returns: int = 1) -> Any:
-        return getattr(handle, method).options(num_returns=num_returns).remote(*args)
+    def call(
+        self, handle: Any, method: str, *args: Any, num_returns: int = 1, group: str | None = None
+    ) -> Any:
+        options: dict[str, Any] = {"num_returns": num_returns}
+        if group:
+            options["concurrency_group"] = group
+        return getattr(handle, method).options(**options).remote(*args)
 
     def get(self, refs: Any) -> Any:
         return self.ray.get(refs)
@@ -173,8 +192,12 @@ it, the CPU/GPU request how many fit on one node."""
 
 
 def role_options(role: str, gpu: bool) -> dict[str, Any]:
-    """Ray options of a sampler or learner actor: its role resource, and one GPU on GPU runs."""
-    return {"num_cpus": 1, "num_gpus": 1 if gpu else 0, "resources": {role: ROLE_SHARE}}
+    """Ray options of a sampler or learner actor: its role resource, and one GPU on GPU runs.
+    Samplers get a `weights` concurrency group so new weights arrive during a long sample call."""
+    options = {"num_cpus": 1, "num_gpus": 1 if gpu else 0, "resources": {role: ROLE_SHARE}}
+    if role == "sampler":
+        options["concurrency_groups"] = {"weights": 1}
+    return options
 
 
 def epoch_schedule(config: Config, epoch: int) -> tuple[list[str], np.ndarray]:
@@ -230,18 +253,16 @@ class Driver:
         self.exporter = metrics_exporter(config.metrics_port, config.metrics_host)
         self.board = TensorBoardWriter(self.run_dir / "tensorboard") if config.tensorboard else None
 
-        # Sync mode: samplers run together, then the learner alone; split the cores accordingly.
+        # Sync mode: samplers run together, then the learner alone; async: all at once. Split
+        # the cores so that torch never runs more threads than there are cores.
         threads = os.cpu_count() or 1
+        busy_together = config.num_samplers + (config.mode == "async")
+        sampler_threads = max(1, threads // busy_together)
+        learner_threads = sampler_threads if config.mode == "async" else threads
         gpu = config.device.startswith("cuda")
         create = self.wiring.create
         self.samplers = [
-            create(
-                Sampler,
-                config,
-                i,
-                max(1, threads // config.num_samplers),
-                options=role_options("sampler", gpu),
-            )
+            create(Sampler, config, i, sampler_threads, options=role_options("sampler", gpu))
             for i in range(config.num_samplers)
         ]
         self.scorers = {
@@ -250,7 +271,9 @@ class Driver:
             )
             for _, name in self.terms
         }
-        self.learner = create(Learner, config, threads, options=role_options("learner", gpu))
+        self.learner = create(
+            Learner, config, learner_threads, options=role_options("learner", gpu)
+        )
         self.tracker = PerPromptStatTracker(
             config.stat_tracker.buffer_size, config.stat_tracker.min_count
         )
@@ -260,7 +283,7 @@ class Driver:
         """One object-store copy of the CPU LoRA state dict; every sampler gets its ref."""
         w = self.wiring
         version, state = w.call(self.learner, "weights", num_returns=2)
-        w.get([w.call(s, "set_weights", version, state) for s in self.samplers])
+        w.get([w.call(s, "set_weights", version, state, group="weights") for s in self.samplers])
         return w.get(version)
 
     def sample_and_score(self, epoch: int) -> list[tuple[Any, list[str], dict[str, Any]]]:
@@ -272,17 +295,17 @@ class Driver:
         for i in range(self.config.sample.num_batches_per_epoch):
             sl = slice(i * b, (i + 1) * b)
             sampler = self.samplers[i % len(self.samplers)]
-            traj, reward_input = w.call(sampler, "sample", prompts[sl], seeds[sl], num_returns=2)
+            traj, reward_input, _ = w.call(sampler, "sample", prompts[sl], seeds[sl], num_returns=3)
             scores = {n: w.call(s, "score", reward_input) for n, s in self.scorers.items()}
             batches.append((traj, prompts[sl], scores))
         return batches
 
-    def collect(self, epoch: int, batches: list, samples_file: Any) -> Epoch:
+    def collect(self, epoch: int, batches: list, samples_file: Any, bar: tqdm) -> Epoch:
         """Wait for the rewards; a batch with a non-finite reward is dropped and counted."""
         out = Epoch(per_term={name: [] for _, name in self.terms})
-        bar = tqdm(batches, desc=f"epoch {epoch} sample+score", leave=False, disable=None)
-        for traj, prompts, refs in bar:
+        for traj, prompts, refs in batches:
             results = {name: self.wiring.get(ref) for name, ref in refs.items()}
+            bar.update(1)
             rewards, info = combine_rewards(self.terms, results)
             if not np.isfinite(rewards).all():
                 log.warning("epoch %d: dropping a batch with non-finite rewards %s", epoch, rewards)
@@ -311,7 +334,7 @@ class Driver:
     def grid(self, when: int | str) -> None:
         """Image grid of the fixed prompts x seeds under the current weights."""
         prompts, seeds = grid_schedule(self.config)
-        traj, _ = self.wiring.call(self.samplers[0], "sample", prompts, seeds, num_returns=2)
+        traj, _, _ = self.wiring.call(self.samplers[0], "sample", prompts, seeds, num_returns=3)
         path = self.run_dir / grid_name(when)
         save_grid(self.wiring.get(traj).images, path, columns=self.config.grid_seeds)
         if self.board:
@@ -329,6 +352,10 @@ class Driver:
     def run(self) -> list[dict]:
         """Run `config.epochs` sync DDPO epochs; return the per-epoch metrics."""
         try:
+            if self.config.mode == "async":
+                if not isinstance(self.wiring, OnRay):
+                    raise ValueError("--mode async runs on Ray only; drop --in-process")
+                return run_async(self)
             return self._run()
         finally:
             self.exporter.close()
@@ -348,11 +375,20 @@ class Driver:
             for epoch in range(config.epochs):
                 start = time.time()
                 version = self.publish()
-                batches = self.sample_and_score(epoch)
-                got = self.collect(epoch, batches, samples_file)
+                # One bar per epoch: a step per sampled-and-scored batch, then the update.
+                bar = tqdm(
+                    total=len(batches := self.sample_and_score(epoch)) + 1,
+                    desc=f"epoch {epoch} sample+score",
+                    leave=False,
+                    disable=None,
+                )
+                got = self.collect(epoch, batches, samples_file, bar)
                 rewards = np.concatenate(got.rewards)
                 advantages = self.advantages(got.prompts, rewards)
+                bar.set_description(f"epoch {epoch} train")
                 update = self.update(advantages, rewards, got.trajs)
+                bar.update(1)
+                bar.close()
 
                 record = {
                     "epoch": epoch,

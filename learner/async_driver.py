@@ -1,0 +1,205 @@
+"""Async mode: samplers never wait for the learner, the learner never waits for a full epoch.
+
+Each sampler keeps `max_inflight` calls going; every finished batch is scored by the reward
+actors and queued. Whenever the learner is idle and `num_batches_per_epoch` scored batches are
+queued, it trains on them; a batch sampled with version v is trained by version c only if
+c - v <= max_staleness, else it is dropped and counted. The importance ratio uses the behaviour
+log-probs recorded at sampling time, so the staleness is corrected, not ignored.
+
+Accounting: every batch id is either trained once, dropped (stale or non-finite reward) or left
+unused at the end; `batches_sampled = batches_trained + batches_dropped_* + batches_unused`.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from ddpo.config import Config
+from ddpo.lora import save_lora
+from rewards import combine_rewards, sample_records
+
+
+@dataclass
+class Pending:
+    """A sampler call in flight: its refs and what the driver needs to know about it."""
+
+    sampler: int
+    traj: Any  # ObjectRef[Trajectory]
+    meta: Any  # ObjectRef[dict]: batch_id, policy_version, samples, seconds
+    scores: dict[str, Any]  # reward name -> ObjectRef[(rewards, info)]
+    prompts: list[str]
+
+
+@dataclass
+class Scored:
+    """A scored batch waiting for the learner."""
+
+    traj: Any
+    meta: dict
+    prompts: list[str]
+    rewards: np.ndarray
+    per_term: dict[str, np.ndarray]
+
+
+def batch_schedule(config: Config, n: int) -> tuple[list[str], np.ndarray]:
+    """Prompts and seeds of the n-th batch of an async run, a function of (seed, n)."""
+    rng = np.random.default_rng([config.seed, n, 1])
+    b = config.sample.batch_size
+    prompts = [config.prompts[i] for i in rng.integers(len(config.prompts), size=b)]
+    return prompts, rng.integers(0, 2**31 - 1, size=b, dtype=np.int64)
+
+
+def run_async(driver: Any) -> list[dict]:
+    """The async loop over a `learner.run.Driver`'s actors (Ray only)."""
+    config: Config = driver.config
+    ray = driver.wiring.ray
+    nb, k_max = config.sample.num_batches_per_epoch, config.max_staleness
+    version = driver.publish()
+    driver.grid("start")
+
+    pending: dict[Any, Pending] = {}  # keyed by the ref that says the batch is scored
+    inflight = [0] * len(driver.samplers)
+    ready: list[Scored] = []
+    totals: Counter[str] = Counter()
+    interval: Counter[str] = Counter()  # since the last update
+    busy = {"sampler": 0.0, "learner": 0.0}
+    history: list[dict] = []
+    update_ref, update_batches, update_started = None, [], 0.0
+    n_next, start = 0, time.time()
+
+    metrics_file = (driver.run_dir / "metrics.jsonl").open("a")
+    samples_file = (driver.run_dir / "samples.jsonl").open("a")
+
+    def submit(i: int) -> None:
+        nonlocal n_next
+        prompts, seeds = batch_schedule(config, n_next)
+        n_next += 1
+        traj, reward_input, meta = (
+            driver.samplers[i].sample.options(num_returns=3).remote(prompts, seeds)
+        )
+        scores = {name: s.score.remote(reward_input) for name, s in driver.scorers.items()}
+        pending[list(scores.values())[-1]] = Pending(i, traj, meta, scores, prompts)
+        inflight[i] += 1
+
+    def receive(p: Pending) -> None:
+        inflight[p.sampler] -= 1
+        meta = ray.get(p.meta)
+        results = {name: ray.get(ref) for name, ref in p.scores.items()}
+        busy["sampler"] += meta["seconds"]
+        totals["batches_sampled"] += 1
+        interval["samples_sampled"] += meta["samples"]
+        rewards, info = combine_rewards(driver.terms, results)
+        if not np.isfinite(rewards).all():
+            totals["batches_dropped_nonfinite"] += 1
+            interval["batches_dropped_nonfinite"] += 1
+            return
+        for record in sample_records(p.prompts, rewards, info):
+            samples_file.write(json.dumps({"batch_id": meta["batch_id"], **record}, default=float))
+            samples_file.write("\n")
+        per_term = {name: np.asarray(r, np.float32) for name, (r, _) in results.items()}
+        ready.append(Scored(p.traj, meta, p.prompts, rewards, per_term))
+
+    def drop_stale() -> None:
+        # Batches the next update could not use: too old for the current version.
+        nonlocal ready
+        fresh = [s for s in ready if version - s.meta["policy_version"] <= k_max]
+        dropped = len(ready) - len(fresh)
+        totals["batches_dropped_stale"] += dropped
+        interval["batches_dropped_stale"] += dropped
+        ready = fresh
+
+    def start_update() -> None:
+        nonlocal update_ref, update_batches, update_started, ready
+        update_batches, ready = ready[:nb], ready[nb:]
+        prompts = [p for s in update_batches for p in s.prompts]
+        rewards = np.concatenate([s.rewards for s in update_batches])
+        advantages = driver.advantages(prompts, rewards)
+        update_started = time.time()
+        update_ref = driver.learner.update.remote(
+            advantages, rewards, *[s.traj for s in update_batches]
+        )
+
+    def finish_update() -> None:
+        nonlocal update_ref, version
+        update = ray.get(update_ref)
+        update_ref = None
+        busy["learner"] += time.time() - update_started
+        totals["batches_trained"] += len(update_batches)
+        rewards = np.concatenate([s.rewards for s in update_batches])
+        staleness = Counter(version - s.meta["policy_version"] for s in update_batches)
+        wall = time.time() - start
+        record = {
+            "epoch": len(history),
+            "policy_version": version,
+            "reward_mean": float(rewards.mean()),
+            "reward_std": float(rewards.std()),
+            **{k: update.get(k) for k in ("loss", "approx_kl", "clipfrac", "grad_norm")},
+            "samples": int(len(rewards)),
+            "seconds": round(wall - (history[-1]["wall_seconds"] if history else 0.0), 3),
+            "wall_seconds": round(wall, 3),
+            "staleness_max": max(staleness),
+            "queue_depth": len(ready),
+            "inflight": sum(inflight),
+            "busy/sampler": busy["sampler"] / (wall * len(driver.samplers)),
+            "busy/learner": busy["learner"] / wall,
+            **{f"staleness/hist/{k}": n for k, n in sorted(staleness.items())},
+            **{k: v for k, v in update.items() if k.startswith("staleness/")},
+            **{k: interval[k] for k in ("batches_dropped_stale", "batches_dropped_nonfinite")},
+            **{f"total/{k}": v for k, v in totals.items()},
+        }
+        if len(driver.terms) > 1:
+            for name in driver.scorers:
+                values = np.concatenate([s.per_term[name] for s in update_batches])
+                record[f"reward/{name}/mean"] = float(values.mean())
+                record[f"reward/{name}/std"] = float(values.std())
+        interval.clear()
+        history.append(record)
+        driver.log(record, metrics_file)
+        samples_file.flush()
+        version = driver.publish()  # the newest weights ref replaces the last one
+        drop_stale()
+        if config.grid_every and len(history) % config.grid_every == 0:
+            driver.grid(len(history))
+
+    try:
+        while len(history) < config.epochs:
+            for i in range(len(driver.samplers)):
+                while inflight[i] < config.max_inflight:
+                    submit(i)
+            waiting = list(pending) + ([update_ref] if update_ref is not None else [])
+            done, _ = ray.wait(waiting, num_returns=1)
+            for ref in done:
+                if update_ref is not None and ref == update_ref:
+                    finish_update()
+                else:
+                    receive(pending.pop(ref))
+            drop_stale()
+            # Bounded queue: keep at most what the next max_staleness + 1 updates can use.
+            overflow = max(0, len(ready) - nb * (k_max + 1))
+            if overflow:
+                ready = ready[overflow:]
+                totals["batches_dropped_stale"] += overflow
+                interval["batches_dropped_stale"] += overflow
+            if update_ref is None and len(ready) >= nb and len(history) < config.epochs:
+                start_update()
+        # Account for what is still in flight: sampled, never trained.
+        for p in list(pending.values()):
+            receive(p)
+        pending.clear()
+        totals["batches_unused"] += len(ready)
+    finally:
+        metrics_file.close()
+        samples_file.close()
+    (driver.run_dir / "accounting.json").write_text(json.dumps(dict(totals), indent=2) + "\n")
+
+    driver.publish()
+    _, state = driver.wiring.call(driver.learner, "weights", num_returns=2)
+    save_lora(driver.wiring.get(state), driver.run_dir / "lora")
+    driver.grid("end")
+    return history

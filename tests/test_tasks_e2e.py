@@ -1,0 +1,59 @@
+"""The aesthetic and alignment tasks (and a weighted sum) run end to end through Ray on the tiny
+models: tiny CLIP + MLP, tiny LLaVA + the packaged MiniLM for BERTScore."""
+
+import dataclasses
+import json
+
+import numpy as np
+import pytest
+
+from ddpo.config import SampleConfig, TrainConfig, task_config
+from learner.run import train
+
+
+@pytest.fixture(scope="module")
+def ray_instance():
+    ray = pytest.importorskip("ray")
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
+def small(task, **changes):
+    config = task_config(task, "tiny")
+    return dataclasses.replace(
+        config,
+        epochs=2,
+        sample=SampleConfig(num_steps=4, batch_size=4, num_batches_per_epoch=2),
+        train=TrainConfig(learning_rate=1e-2, clip_range=0.1, batch_size=4),
+        grid_prompts=2,
+        grid_seeds=2,
+        **changes,
+    )
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "task, reward",
+    [
+        ("aesthetic", "aesthetic"),
+        ("alignment", "alignment"),
+        ("alignment", "aesthetic+0.5*alignment"),
+    ],
+)
+def test_task_runs_through_ray(ray_instance, tmp_path, task, reward):
+    history = train(small(task, reward=reward, run_dir=tmp_path))
+    assert [h["epoch"] for h in history] == [0, 1]
+    assert all(np.isfinite(h["reward_mean"]) and h["samples"] == 8 for h in history)
+    samples = [json.loads(s) for s in (tmp_path / "samples.jsonl").read_text().splitlines()]
+    assert len(samples) == 16
+    if "alignment" in reward:
+        # LLaVA's answer and the BERTScore parts are kept for inspection, per sample.
+        assert all(isinstance(s["alignment/answer"], str) for s in samples)
+        assert all(0 <= s["alignment/recall"] <= 1.0001 for s in samples)
+    if "+" in reward:
+        # The combined reward is the weighted sum of the terms, per sample.
+        for s in samples:
+            expected = s["aesthetic/reward"] + 0.5 * s["alignment/reward"]
+            assert s["reward"] == pytest.approx(expected, rel=1e-5, abs=1e-6)
+        assert {"reward/aesthetic/mean", "reward/alignment/mean"} <= history[0].keys()
