@@ -92,6 +92,10 @@ class Config:
     """`tiny`, a local diffusers pipeline directory, or a hub id (CompVis/stable-diffusion-v1-4)."""
     reward: str = "jpeg_compressibility"
     """Reward name (see `rewards.REWARDS`) or a weighted sum like aesthetic+0.5*alignment."""
+    reward_workers: tuple[str, ...] = ()
+    """Reward actors per reward at start, NAME=N (default 1 each)."""
+    reward_workers_range: tuple[str, ...] = ()
+    """Autoscaling bounds per reward pool, NAME=MIN:MAX (default: fixed at the start size)."""
     reward_options: tuple[str, ...] = ()
     """KEY=VALUE options for the reward models (e.g. mlp=./sac+logos+ava1-l14-linearMSE.pth)."""
     prompts: tuple[str, ...] = ()

@@ -83,7 +83,7 @@ def run_async(driver: Any) -> list[dict]:
         traj, reward_input, meta = (
             driver.samplers[i].sample.options(num_returns=3).remote(prompts, seeds)
         )
-        scores = {name: s.score.remote(reward_input) for name, s in driver.scorers.items()}
+        scores = {name: pool.score(reward_input) for name, pool in driver.pools.items()}
         pending[list(scores.values())[-1]] = Pending(i, traj, meta, scores, prompts)
         inflight[i] += 1
 
@@ -91,6 +91,8 @@ def run_async(driver: Any) -> list[dict]:
         inflight[p.sampler] -= 1
         meta = ray.get(p.meta)
         results = {name: ray.get(ref) for name, ref in p.scores.items()}
+        for name, ref in p.scores.items():
+            driver.pools[name].done(ref)
         busy["sampler"] += meta["seconds"]
         totals["batches_sampled"] += 1
         interval["samples_sampled"] += meta["samples"]
@@ -154,7 +156,7 @@ def run_async(driver: Any) -> list[dict]:
             **{f"total/{k}": v for k, v in totals.items()},
         }
         if len(driver.terms) > 1:
-            for name in driver.scorers:
+            for name in driver.pools:
                 values = np.concatenate([s.per_term[name] for s in update_batches])
                 record[f"reward/{name}/mean"] = float(values.mean())
                 record[f"reward/{name}/std"] = float(values.std())
@@ -169,6 +171,7 @@ def run_async(driver: Any) -> list[dict]:
 
     try:
         while len(history) < config.epochs:
+            driver.resize_rewards()
             for i in range(len(driver.samplers)):
                 while inflight[i] < config.max_inflight:
                     submit(i)

@@ -33,6 +33,7 @@ from learner.async_driver import run_async
 from learner.learner import Learner
 from learner.metrics import metrics_exporter
 from learner.report import TensorBoardWriter, grid_name, write_report
+from learner.reward_pool import PoolSize, RewardPool, parse_pool_sizes
 from learner.stat_tracker import PerPromptStatTracker, batch_advantages
 from rewards import (
     combine_rewards,
@@ -74,6 +75,10 @@ class Args:
     """Override the task's learning rate."""
     reward: str | None = None
     """Override the task's reward: a name or a weighted sum like aesthetic+0.5*alignment."""
+    reward_workers: tuple[str, ...] = ()
+    """Reward actors per reward at start, NAME=N (e.g. aesthetic=4)."""
+    reward_workers_range: tuple[str, ...] = ()
+    """Let a reward pool grow/shrink with its backlog within NAME=MIN:MAX (e.g. aesthetic=1:8)."""
     reward_model: tuple[str, ...] = ()
     """Reward model options KEY=VALUE, e.g. mlp=./sac+logos+ava1-l14-linearMSE.pth llava=DIR."""
     device: str = "cpu"
@@ -109,6 +114,8 @@ def build_config(args: Args) -> Config:
         prompts=prompts,
         reward=args.reward or config.reward,
         reward_options=args.reward_model,
+        reward_workers=args.reward_workers,
+        reward_workers_range=args.reward_workers_range,
         device=args.device,
         metrics_port=args.metrics_port,
         metrics_host=args.metrics_host,
@@ -132,6 +139,9 @@ class InProcess:
 
     def get(self, refs: Any) -> Any:
         return refs
+
+    def kill(self, handle: Any) -> None:
+        pass
 
 
 class OnRay:
@@ -184,6 +194,9 @@ class OnRay:
 
     def get(self, refs: Any) -> Any:
         return self.ray.get(refs)
+
+    def kill(self, handle: Any) -> None:
+        self.ray.kill(handle)
 
 
 ROLE_SHARE = 0.001
@@ -244,9 +257,18 @@ class Driver:
         options = reward_options(
             config.reward, parse_reward_options(config.reward_options), tiny=config.model == "tiny"
         )
+        sizes = parse_pool_sizes(config.reward_workers, config.reward_workers_range)
+        unknown = sorted(set(sizes) - {name for _, name in self.terms})
+        if unknown:
+            raise ValueError(
+                f"--reward-workers names {unknown}, but the reward is {config.reward!r}; "
+                "name one of its terms"
+            )
         self.wiring = wiring or OnRay(
             config.address,
-            min_cpus=config.num_samplers + len(self.terms) + 1,
+            min_cpus=config.num_samplers
+            + sum(sizes.get(n, PoolSize()).max for _, n in self.terms)
+            + 1,
             resources={"sampler": config.num_samplers, "learner": 1}
             | local_role_resources(config.reward),
         )
@@ -265,12 +287,20 @@ class Driver:
             create(Sampler, config, i, sampler_threads, options=role_options("sampler", gpu))
             for i in range(config.num_samplers)
         ]
-        self.scorers = {
-            name: create(
-                RewardWorker, name, options[name], options=reward_actor_options(name, gpu=gpu)
+        w = self.wiring
+        self.pools = {
+            name: RewardPool(
+                name,
+                sizes.get(name, PoolSize()),
+                make_actor=lambda name=name: create(
+                    RewardWorker, name, options[name], options=reward_actor_options(name, gpu=gpu)
+                ),
+                call=lambda actor, reward_input: w.call(actor, "score", reward_input),
+                kill=w.kill,
             )
             for _, name in self.terms
         }
+        self._control_mtime = 0.0
         self.learner = create(
             Learner, config, learner_threads, options=role_options("learner", gpu)
         )
@@ -296,7 +326,7 @@ class Driver:
             sl = slice(i * b, (i + 1) * b)
             sampler = self.samplers[i % len(self.samplers)]
             traj, reward_input, _ = w.call(sampler, "sample", prompts[sl], seeds[sl], num_returns=3)
-            scores = {n: w.call(s, "score", reward_input) for n, s in self.scorers.items()}
+            scores = {name: pool.score(reward_input) for name, pool in self.pools.items()}
             batches.append((traj, prompts[sl], scores))
         return batches
 
@@ -305,6 +335,8 @@ class Driver:
         out = Epoch(per_term={name: [] for _, name in self.terms})
         for traj, prompts, refs in batches:
             results = {name: self.wiring.get(ref) for name, ref in refs.items()}
+            for name, ref in refs.items():
+                self.pools[name].done(ref)
             bar.update(1)
             rewards, info = combine_rewards(self.terms, results)
             if not np.isfinite(rewards).all():
@@ -340,7 +372,26 @@ class Driver:
         if self.board:
             self.board.image("grid", path, step=when if isinstance(when, int) else 0)
 
+    def resize_rewards(self) -> None:
+        """Autoscale each reward pool, and apply sizes asked for in RUN_DIR/control.json
+        ({"reward_workers": {"aesthetic": 4}}) when that file changes."""
+        control = self.run_dir / "control.json"
+        if control.exists() and control.stat().st_mtime != self._control_mtime:
+            self._control_mtime = control.stat().st_mtime
+            try:
+                wanted = json.loads(control.read_text()).get("reward_workers", {})
+                for name, n in wanted.items():
+                    if name not in self.pools:
+                        raise ValueError(f"no reward pool {name!r}; pools: {sorted(self.pools)}")
+                    got = self.pools[name].resize(int(n))
+                    log.info("control.json: reward pool %s -> %d (asked %s)", name, got, n)
+            except (ValueError, TypeError, AttributeError) as err:
+                log.warning("ignoring %s: %s", control, err)
+        for pool in self.pools.values():
+            pool.autoscale()
+
     def log(self, record: dict, metrics_file: Any) -> None:
+        record.update({f"reward_workers/{n}": len(p) for n, p in self.pools.items()})
         metrics_file.write(json.dumps(record) + "\n")
         metrics_file.flush()
         self.exporter.update(record)
@@ -374,6 +425,7 @@ class Driver:
         ):
             for epoch in range(config.epochs):
                 start = time.time()
+                self.resize_rewards()
                 version = self.publish()
                 # One bar per epoch: a step per sampled-and-scored batch, then the update.
                 bar = tqdm(

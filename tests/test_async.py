@@ -70,3 +70,30 @@ def test_async_needs_ray(tmp_path):
 
     with pytest.raises(ValueError, match="async runs on Ray only"):
         train(small(tmp_path, epochs=1), InProcess())
+
+
+@pytest.mark.slow
+def test_async_run_learns_against_its_lr_zero_twin(ray_instance, tmp_path):
+    """Batch n samples the same prompts and seeds in every async run, so the rewards of the
+    batches trained in the last updates pair up with the same batches of an lr-0 run."""
+    rewards = {}
+    for lr in (0.0, 1e-2):
+        config = dataclasses.replace(
+            task_config("compressibility", "tiny"),
+            mode="async",
+            epochs=12,
+            max_staleness=1,
+            run_dir=tmp_path / f"lr{lr}",
+            train=dataclasses.replace(task_config("compressibility").train, learning_rate=lr),
+        )
+        train(config)
+        per_batch = {}
+        for line in (config.run_dir / "samples.jsonl").read_text().splitlines():
+            s = json.loads(line)
+            per_batch.setdefault(s["batch_id"], []).append(s["reward"])
+        rewards[lr] = {b: sum(v) / len(v) for b, v in per_batch.items()}
+    # The batches sampled late in the trained run, paired with the same batches at lr 0.
+    late = sorted(rewards[1e-2], key=lambda b: int(b.split("-")[1]))[-16:]
+    late = [b for b in late if b in rewards[0.0]]
+    gain = sum(rewards[1e-2][b] - rewards[0.0][b] for b in late) / len(late)
+    assert len(late) >= 8 and gain > 0.01, gain

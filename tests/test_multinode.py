@@ -1,0 +1,102 @@
+"""Placement by role on a simulated multi-node cluster (ray.cluster_utils.Cluster): every actor
+lands on its node type, a new reward node lets the reward pool grow there, and a full run
+completes across nodes."""
+
+import dataclasses
+import json
+
+import pytest
+
+from ddpo.config import SampleConfig, TrainConfig, task_config
+from learner.run import OnRay, role_options, train
+
+REWARD = "reward_jpeg_compressibility"
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    ray = pytest.importorskip("ray")
+    from ray.cluster_utils import Cluster
+
+    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": False})
+    nodes = {
+        "sampler": c.add_node(num_cpus=2, num_gpus=1, resources={"sampler": 1}),
+        "learner": c.add_node(num_cpus=2, num_gpus=1, resources={"learner": 1}),
+        "reward": c.add_node(num_cpus=1, resources={REWARD: 1}),
+    }
+    ray.init(address=c.address, log_to_driver=False)
+    c.wait_for_nodes()
+    yield c, nodes
+    ray.shutdown()
+    c.shutdown()
+
+
+def node_of(actor):
+    import ray
+
+    return ray.get(actor.__ray_call__.remote(lambda self: ray.get_runtime_context().get_node_id()))
+
+
+def small(tmp_path, **changes):
+    settings = dict(
+        epochs=2,
+        run_dir=tmp_path,
+        sample=SampleConfig(num_steps=4, batch_size=4, num_batches_per_epoch=2),
+        train=TrainConfig(learning_rate=1e-2, clip_range=0.1, batch_size=4),
+        grid_prompts=2,
+        grid_seeds=2,
+    )
+    return dataclasses.replace(task_config("compressibility", "tiny"), **(settings | changes))
+
+
+@pytest.mark.slow
+def test_gpu_runs_ask_for_a_gpu_on_their_node_type(cluster):
+    import ray
+
+    c, nodes = cluster
+
+    class Probe:
+        def where(self):
+            ctx = ray.get_runtime_context()
+            return ctx.get_node_id(), ray.get_gpu_ids()
+
+    wiring = OnRay(None, min_cpus=0, resources={})
+    for role in ("sampler", "learner"):
+        probe = wiring.create(Probe, options=role_options(role, gpu=True))
+        node, gpus = ray.get(probe.where.remote())
+        assert node == nodes[role].node_id and len(gpus) == 1
+        ray.kill(probe)
+
+
+@pytest.mark.slow
+def test_roles_placement_pool_growth_and_a_full_run(cluster, tmp_path):
+    from learner.run import Driver
+
+    c, nodes = cluster
+    config = small(tmp_path, reward_workers_range=("jpeg_compressibility=1:2",))
+    driver = Driver(config)
+    assert node_of(driver.samplers[0]) == nodes["sampler"].node_id
+    assert node_of(driver.learner) == nodes["learner"].node_id
+    pool = driver.pools["jpeg_compressibility"]
+    assert [node_of(a) for a in pool.actors] == [nodes["reward"].node_id]
+
+    # A second reward node joins; asking for 2 reward workers places the new one there.
+    new_node = c.add_node(num_cpus=1, resources={REWARD: 1})
+    c.wait_for_nodes()
+    (tmp_path / "control.json").write_text(
+        json.dumps({"reward_workers": {"jpeg_compressibility": 2}})
+    )
+    driver.resize_rewards()
+    assert len(pool) == 2
+    assert {node_of(a) for a in pool.actors} == {nodes["reward"].node_id, new_node.node_id}
+
+    history = driver.run()
+    assert len(history) == 2 and all(h["samples"] == 8 for h in history)
+    assert all(h["reward_workers/jpeg_compressibility"] == 2 for h in history)
+    assert (tmp_path / "lora/pytorch_lora_weights.safetensors").is_file()
+
+
+@pytest.mark.slow
+def test_async_run_across_nodes(cluster, tmp_path):
+    history = train(small(tmp_path, mode="async", epochs=3))
+    assert len(history) == 3 and all(h["staleness_max"] <= 1 for h in history)
