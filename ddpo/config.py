@@ -127,9 +127,9 @@ class Config:
     tensorboard: bool = False
     """Log scalars and grids to RUN_DIR/tensorboard (needs `pip install tensorboard`)."""
     grid_prompts: int = 4
-    """Fixed prompts (the first of the set) in the start/end image grids."""
+    """Fixed prompts (the first of the set) in the image grids and evaluations."""
     grid_seeds: int = 4
-    """Fixed seeds per grid prompt."""
+    """Fixed seeds per grid prompt; the grid's samples are also scored (eval.jsonl)."""
     sample: SampleConfig = field(default_factory=SampleConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     stat_tracker: StatTrackerConfig = field(default_factory=StatTrackerConfig)
@@ -239,6 +239,7 @@ def compressibility(tiny: bool, reward: str = "jpeg_compressibility") -> Config:
             train=TrainConfig(learning_rate=1e-2, clip_range=0.1, batch_size=8),
             stat_tracker=StatTrackerConfig(buffer_size=16, min_count=4),
             grid_prompts=6,
+            grid_seeds=8,
         )
     # Paper: 8 GPUs x 8 x 4 samples per epoch, train batch 4, 2 accumulation steps, 100 epochs.
     return Config(

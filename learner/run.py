@@ -363,14 +363,32 @@ class Driver:
         w = self.wiring
         return w.get(w.call(self.learner, "update", advantages, rewards, *trajs))
 
-    def grid(self, when: int | str) -> None:
-        """Image grid of the fixed prompts x seeds under the current weights."""
+    def grid(self, when: int | str) -> dict:
+        """Image grid of the fixed prompts x seeds under the current weights, and their reward:
+        the same prompts and noise at every evaluation, so evaluations compare like with like.
+        Appends {"when", "reward_mean", ...} to RUN_DIR/eval.jsonl and returns it."""
         prompts, seeds = grid_schedule(self.config)
-        traj, _, _ = self.wiring.call(self.samplers[0], "sample", prompts, seeds, num_returns=3)
+        w = self.wiring
+        traj, reward_input, meta = w.call(self.samplers[0], "sample", prompts, seeds, num_returns=3)
+        refs = {name: pool.score(reward_input) for name, pool in self.pools.items()}
+        results = {name: w.get(ref) for name, ref in refs.items()}
+        for name, ref in refs.items():
+            self.pools[name].done(ref)
+        rewards, _ = combine_rewards(self.terms, results)
         path = self.run_dir / grid_name(when)
-        save_grid(self.wiring.get(traj).images, path, columns=self.config.grid_seeds)
+        save_grid(w.get(traj).images, path, columns=self.config.grid_seeds)
         if self.board:
             self.board.image("grid", path, step=when if isinstance(when, int) else 0)
+        record = {
+            "when": when,
+            "policy_version": w.get(meta)["policy_version"],
+            "reward_mean": float(np.mean(rewards)),
+            "reward_std": float(np.std(rewards)),
+            "samples": len(rewards),
+        }
+        with (self.run_dir / "eval.jsonl").open("a") as f:
+            f.write(json.dumps(record) + "\n")
+        return record
 
     def resize_rewards(self) -> None:
         """Autoscale each reward pool, and apply sizes asked for in RUN_DIR/control.json
@@ -500,8 +518,14 @@ def main(argv: list[str] | None = None) -> None:
     if history:
         first, last = history[0], history[-1]
         print(
-            f"done: {len(history)} epochs in {time.time() - start:.0f}s; reward "
-            f"{first['reward_mean']:+.4f} -> {last['reward_mean']:+.4f}; run directory {config.run_dir}"
+            f"done: {len(history)} epochs in {time.time() - start:.0f}s; epoch reward "
+            f"{first['reward_mean']:+.4f} -> {last['reward_mean']:+.4f}"
+        )
+        evals = [json.loads(s) for s in (Path(config.run_dir) / "eval.jsonl").open()]
+        print(
+            f"evaluation ({evals[0]['samples']} fixed samples): reward "
+            f"{evals[0]['reward_mean']:+.4f} -> {evals[-1]['reward_mean']:+.4f}; "
+            f"run directory {config.run_dir} (index.html)"
         )
 
 

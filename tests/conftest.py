@@ -14,3 +14,33 @@ def tiny_pipe():
     from ddpo.policy import load_pipeline
 
     return load_pipeline("tiny")
+
+
+@pytest.fixture(scope="module")
+def ray_instance():
+    """One local Ray instance per test module (starting Ray costs seconds)."""
+    ray = pytest.importorskip("ray")
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture
+def small_config(tmp_path):
+    """A tiny-model config with a few steps and samples: small_config(task, **changes)."""
+    import dataclasses
+
+    from ddpo.config import SampleConfig, TrainConfig, task_config
+
+    def make(task="compressibility", **changes):
+        settings = dict(
+            epochs=2,
+            run_dir=tmp_path,
+            sample=SampleConfig(num_steps=4, batch_size=4, num_batches_per_epoch=2),
+            train=TrainConfig(learning_rate=1e-2, clip_range=0.1, batch_size=4),
+            grid_prompts=2,
+            grid_seeds=2,
+        )
+        return dataclasses.replace(task_config(task, "tiny"), **(settings | changes))
+
+    return make

@@ -5,35 +5,18 @@ import json
 
 import pytest
 
-from ddpo.config import SampleConfig, TrainConfig, task_config
+from ddpo.config import task_config
 from learner.run import train
-
-
-@pytest.fixture(scope="module")
-def ray_instance():
-    ray = pytest.importorskip("ray")
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
-    yield ray
-    ray.shutdown()
-
-
-def small(tmp_path, **changes):
-    settings = dict(
-        mode="async",
-        epochs=6,
-        run_dir=tmp_path,
-        sample=SampleConfig(num_steps=4, batch_size=4, num_batches_per_epoch=2),
-        train=TrainConfig(learning_rate=1e-2, clip_range=0.1, batch_size=4),
-        grid_prompts=2,
-        grid_seeds=2,
-    )
-    return dataclasses.replace(task_config("compressibility", "tiny"), **(settings | changes))
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("max_staleness, num_samplers", [(0, 1), (1, 2)])
-def test_async_staleness_and_accounting(ray_instance, tmp_path, max_staleness, num_samplers):
-    config = small(tmp_path, max_staleness=max_staleness, num_samplers=num_samplers)
+def test_async_staleness_and_accounting(
+    ray_instance, small_config, tmp_path, max_staleness, num_samplers
+):
+    config = small_config(
+        mode="async", epochs=6, max_staleness=max_staleness, num_samplers=num_samplers
+    )
     history = train(config)
     lines = [json.loads(s) for s in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert lines == history and len(history) == config.epochs
@@ -65,11 +48,11 @@ def test_async_staleness_and_accounting(ray_instance, tmp_path, max_staleness, n
     assert (tmp_path / "lora/pytorch_lora_weights.safetensors").is_file()
 
 
-def test_async_needs_ray(tmp_path):
+def test_async_needs_ray(small_config):
     from learner.run import InProcess
 
     with pytest.raises(ValueError, match="async runs on Ray only"):
-        train(small(tmp_path, epochs=1), InProcess())
+        train(small_config(mode="async", epochs=1), InProcess())
 
 
 @pytest.mark.slow

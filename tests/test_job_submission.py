@@ -45,10 +45,10 @@ class Probe:
         self.m = actor_metrics()
 
     def record(self):
-        self.m.samples_produced.inc(8, tags={"sampler_id": "0"})
-        self.m.sampling_seconds.observe(1.5, tags={"sampler_id": "0"})
+        self.m.samples_produced.inc(8, tags={"sampler_id": "probe"})
+        self.m.sampling_seconds.observe(1.5, tags={"sampler_id": "probe"})
         self.m.reward_latency.observe(0.2, tags={"reward": "jpeg_compressibility"})
-        self.m.queue_depth.set(3, tags={"queue": "trajectories"})
+        self.m.queue_depth.set(3, tags={"queue": "probe"})
 
 probe = Probe.remote()
 ray.get(probe.record.remote())
@@ -206,10 +206,10 @@ def test_actor_metrics_reach_prometheus_under_the_dashboards_names(head, tmp_pat
         time.sleep(3)
     assert wanted <= names, f"missing {sorted(wanted - names)}; exported {sorted(names)}"
     sample = re.search(
-        r'^ray_ddpo_samples_produced_total\{[^}]*sampler_id="0"[^}]*\} (\S+)', text, re.M
+        r'^ray_ddpo_samples_produced_total\{[^}]*sampler_id="probe"[^}]*\} (\S+)', text, re.M
     )
     assert sample and float(sample[1]) == 8.0
-    depth = re.search(r'^ray_ddpo_queue_depth\{[^}]*queue="trajectories"[^}]*\} (\S+)', text, re.M)
+    depth = re.search(r'^ray_ddpo_queue_depth\{[^}]*queue="probe"[^}]*\} (\S+)', text, re.M)
     assert depth and float(depth[1]) == 3.0
 
     # deploy/prometheus.yml finds the nodes through Ray's service-discovery file.

@@ -2,12 +2,10 @@
 lands on its node type, a new reward node lets the reward pool grow there, and a full run
 completes across nodes."""
 
-import dataclasses
 import json
 
 import pytest
 
-from ddpo.config import SampleConfig, TrainConfig, task_config
 from learner.run import OnRay, role_options, train
 
 REWARD = "reward_jpeg_compressibility"
@@ -37,18 +35,6 @@ def node_of(actor):
     return ray.get(actor.__ray_call__.remote(lambda self: ray.get_runtime_context().get_node_id()))
 
 
-def small(tmp_path, **changes):
-    settings = dict(
-        epochs=2,
-        run_dir=tmp_path,
-        sample=SampleConfig(num_steps=4, batch_size=4, num_batches_per_epoch=2),
-        train=TrainConfig(learning_rate=1e-2, clip_range=0.1, batch_size=4),
-        grid_prompts=2,
-        grid_seeds=2,
-    )
-    return dataclasses.replace(task_config("compressibility", "tiny"), **(settings | changes))
-
-
 @pytest.mark.slow
 def test_gpu_runs_ask_for_a_gpu_on_their_node_type(cluster):
     import ray
@@ -69,11 +55,11 @@ def test_gpu_runs_ask_for_a_gpu_on_their_node_type(cluster):
 
 
 @pytest.mark.slow
-def test_roles_placement_pool_growth_and_a_full_run(cluster, tmp_path):
+def test_roles_placement_pool_growth_and_a_full_run(cluster, small_config, tmp_path):
     from learner.run import Driver
 
     c, nodes = cluster
-    config = small(tmp_path, reward_workers_range=("jpeg_compressibility=1:2",))
+    config = small_config(reward_workers_range=("jpeg_compressibility=1:2",))
     driver = Driver(config)
     assert node_of(driver.samplers[0]) == nodes["sampler"].node_id
     assert node_of(driver.learner) == nodes["learner"].node_id
@@ -97,6 +83,6 @@ def test_roles_placement_pool_growth_and_a_full_run(cluster, tmp_path):
 
 
 @pytest.mark.slow
-def test_async_run_across_nodes(cluster, tmp_path):
-    history = train(small(tmp_path, mode="async", epochs=3))
+def test_async_run_across_nodes(cluster, small_config):
+    history = train(small_config(mode="async", epochs=3))
     assert len(history) == 3 and all(h["staleness_max"] <= 1 for h in history)

@@ -1,35 +1,12 @@
 """The aesthetic and alignment tasks (and a weighted sum) run end to end through Ray on the tiny
 models: tiny CLIP + MLP, tiny LLaVA + the packaged MiniLM for BERTScore."""
 
-import dataclasses
 import json
 
 import numpy as np
 import pytest
 
-from ddpo.config import SampleConfig, TrainConfig, task_config
 from learner.run import train
-
-
-@pytest.fixture(scope="module")
-def ray_instance():
-    ray = pytest.importorskip("ray")
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
-    yield ray
-    ray.shutdown()
-
-
-def small(task, **changes):
-    config = task_config(task, "tiny")
-    return dataclasses.replace(
-        config,
-        epochs=2,
-        sample=SampleConfig(num_steps=4, batch_size=4, num_batches_per_epoch=2),
-        train=TrainConfig(learning_rate=1e-2, clip_range=0.1, batch_size=4),
-        grid_prompts=2,
-        grid_seeds=2,
-        **changes,
-    )
 
 
 @pytest.mark.slow
@@ -41,8 +18,8 @@ def small(task, **changes):
         ("alignment", "aesthetic+0.5*alignment"),
     ],
 )
-def test_task_runs_through_ray(ray_instance, tmp_path, task, reward):
-    history = train(small(task, reward=reward, run_dir=tmp_path))
+def test_task_runs_through_ray(ray_instance, small_config, tmp_path, task, reward):
+    history = train(small_config(task, reward=reward))
     assert [h["epoch"] for h in history] == [0, 1]
     assert all(np.isfinite(h["reward_mean"]) and h["samples"] == 8 for h in history)
     samples = [json.loads(s) for s in (tmp_path / "samples.jsonl").read_text().splitlines()]
