@@ -145,6 +145,7 @@ def run_async(driver: Any) -> list[dict]:
             "samples": int(len(rewards)),
             "seconds": round(wall - (history[-1]["wall_seconds"] if history else 0.0), 3),
             "wall_seconds": round(wall, 3),
+            "staleness": update.get("staleness_mean"),
             "staleness_max": max(staleness),
             "queue_depth": len(ready),
             "inflight": sum(inflight),

@@ -23,7 +23,7 @@ Driver metric names (the contract with deploy/grafana-dashboard.json; `record` k
 | queue_depth                         | ddpo_queue_depth                              |
 | seconds, samples                    | ddpo_epoch_seconds, ddpo_samples_total (+=),  |
 |                                     | ddpo_samples_per_second (samples / seconds)   |
-| batches_dropped, batches_stale      | ddpo_batches_dropped_total{reason=...} (+=)   |
+| batches_dropped(_nonfinite, _stale) | ddpo_batches_dropped_total{reason=...} (+=)   |
 | any other number                    | ddpo_metric{key="<key>"}                      |
 
 Actor metric names (`actor_metrics()`, as Prometheus sees them through Ray):
@@ -54,7 +54,11 @@ SCALARS = {
 }
 """record key -> (metric name without the prefix, help) for plain gauges."""
 
-DROP_REASONS = {"batches_dropped": "non_finite_reward", "batches_stale": "stale"}
+DROP_REASONS = {
+    "batches_dropped": "non_finite_reward",  # sync mode
+    "batches_dropped_nonfinite": "non_finite_reward",  # async mode
+    "batches_dropped_stale": "stale",
+}
 """Counters of dropped batches, by record key -> reason label."""
 
 REWARD_KEY = re.compile(r"^reward/(?P<name>[^/]+)/(?P<stat>mean|std|busy_fraction)$")

@@ -296,7 +296,7 @@ class Driver:
                     RewardWorker, name, options[name], options=reward_actor_options(name, gpu=gpu)
                 ),
                 call=lambda actor, reward_input: w.call(actor, "score", reward_input),
-                kill=w.kill,
+                kill=lambda actor: w.kill(actor),
             )
             for _, name in self.terms
         }

@@ -56,27 +56,55 @@ def test_async_needs_ray(small_config):
 
 
 @pytest.mark.slow
-def test_async_run_learns_against_its_lr_zero_twin(ray_instance, tmp_path):
-    """Batch n samples the same prompts and seeds in every async run, so the rewards of the
-    batches trained in the last updates pair up with the same batches of an lr-0 run."""
-    rewards = {}
-    for lr in (0.0, 1e-2):
-        config = dataclasses.replace(
-            task_config("compressibility", "tiny"),
-            mode="async",
-            epochs=12,
-            max_staleness=1,
-            run_dir=tmp_path / f"lr{lr}",
-            train=dataclasses.replace(task_config("compressibility").train, learning_rate=lr),
+def test_async_run_learns(ray_instance, tmp_path):
+    """The tiny compressibility preset in async mode (K = 1) improves the reward of the fixed
+    evaluation samples (same prompts and noise at the start and the end; see test_e2e.py)."""
+    config = dataclasses.replace(
+        task_config("compressibility", "tiny"),
+        mode="async",
+        epochs=15,
+        max_staleness=1,
+        run_dir=tmp_path,
+    )
+    history = train(config)
+    assert all(r["staleness_max"] <= 1 for r in history)
+    evals = [json.loads(s) for s in (tmp_path / "eval.jsonl").read_text().splitlines()]
+    assert evals[-1]["policy_version"] == 15
+    assert evals[-1]["reward_mean"] - evals[0]["reward_mean"] > 0.005, evals
+
+
+@pytest.mark.slow
+def test_reward_pool_resizes_during_a_run_without_losing_a_batch(ray_instance, small_config):
+    """control.json grows the reward pool while the async run goes on; then it shrinks back."""
+    import threading
+    import time
+
+    config = small_config(
+        mode="async", epochs=8, reward_workers_range=("jpeg_compressibility=1:3",)
+    )
+    control, metrics = config.run_dir / "control.json", config.run_dir / "metrics.jsonl"
+
+    def operator():
+        for size, after_epochs in ((3, 2), (1, 5)):
+            while not metrics.exists() or len(metrics.read_text().splitlines()) < after_epochs:
+                time.sleep(0.2)
+            control.write_text(json.dumps({"reward_workers": {"jpeg_compressibility": size}}))
+            time.sleep(0.05)  # distinct mtimes for the two requests
+
+    thread = threading.Thread(target=operator, daemon=True)
+    thread.start()
+    history = train(config)
+    thread.join(timeout=5)
+    sizes = [r["reward_workers/jpeg_compressibility"] for r in history]
+    assert sizes[0] == 1 and 3 in sizes and sizes[-1] < 3, sizes
+    totals = json.loads((config.run_dir / "accounting.json").read_text())
+    assert totals["batches_trained"] == config.epochs * 2
+    assert totals["batches_sampled"] == sum(
+        totals.get(k, 0)
+        for k in (
+            "batches_trained",
+            "batches_dropped_stale",
+            "batches_dropped_nonfinite",
+            "batches_unused",
         )
-        train(config)
-        per_batch = {}
-        for line in (config.run_dir / "samples.jsonl").read_text().splitlines():
-            s = json.loads(line)
-            per_batch.setdefault(s["batch_id"], []).append(s["reward"])
-        rewards[lr] = {b: sum(v) / len(v) for b, v in per_batch.items()}
-    # The batches sampled late in the trained run, paired with the same batches at lr 0.
-    late = sorted(rewards[1e-2], key=lambda b: int(b.split("-")[1]))[-16:]
-    late = [b for b in late if b in rewards[0.0]]
-    gain = sum(rewards[1e-2][b] - rewards[0.0][b] for b in late) / len(late)
-    assert len(late) >= 8 and gain > 0.01, gain
+    )

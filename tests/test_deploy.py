@@ -343,7 +343,7 @@ def test_prometheus_configs_point_at_ray_and_the_driver(rayjob):
 FULL_RECORD = {
     "epoch": 1, "policy_version": 1, "reward_mean": 1.0, "reward_std": 0.1, "loss": 0.1,
     "approx_kl": 0.1, "clipfrac": 0.1, "grad_norm": 1.0, "samples": 8, "seconds": 1.0,
-    "batches_dropped": 1, "batches_stale": 1, "staleness": 1.0, "staleness_max": 2,
+    "batches_dropped": 1, "batches_dropped_stale": 1, "staleness": 1.0, "staleness_max": 2,
     "staleness/1/clipfrac": 0.1, "staleness/1/approx_kl": 0.1, "queue_depth": 2,
     "reward/aesthetic/mean": 1.0, "reward/aesthetic/std": 0.1,
     "reward/aesthetic/busy_fraction": 0.5, "busy/sampler": 0.5,
