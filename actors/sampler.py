@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import threading
 import time
+import uuid
 
 import numpy as np
 import torch
@@ -17,6 +18,10 @@ from actors.metrics import ray_actor_metrics
 from ddpo.config import Config
 from ddpo.policy import Policy, load_pipeline
 from ddpo.trajectory import Trajectory
+
+
+class StaleWeightsError(RuntimeError):
+    """A sampler was asked to sample with weights newer than it holds."""
 
 
 class Sampler:
@@ -33,6 +38,8 @@ class Sampler:
         )
         self.version = 0
         self.sequence = 0
+        # Batch ids stay unique across restarts: a restarted sampler counts from 0 again.
+        self.incarnation = uuid.uuid4().hex[:6]
         self._pending: tuple[int, dict[str, torch.Tensor]] | None = None
         self._lock = threading.Lock()
         self.metrics = ray_actor_metrics()
@@ -52,11 +59,20 @@ class Sampler:
             self.version, state = pending
             self.policy.load_lora_state_dict(state)
 
-    def sample(self, prompts: list[str], seeds: np.ndarray) -> tuple[Trajectory, dict, dict]:
+    def sample(
+        self, prompts: list[str], seeds: np.ndarray, min_version: int = 0
+    ) -> tuple[Trajectory, dict, dict]:
         """One batch: the trajectory (for the learner), the reward input (for reward actors) and
-        a few bytes of metadata for the driver (batch id, policy version, size, seconds)."""
+        a few bytes of metadata for the driver (batch id, policy version, size, seconds).
+
+        Refuses to sample with weights older than `min_version` (a restarted sampler has none)."""
         self._apply_pending()
-        batch_id = f"{self.sampler_id}-{self.sequence}"
+        if self.version < min_version:
+            raise StaleWeightsError(
+                f"sampler {self.sampler_id} holds weights v{self.version} but v{min_version} or "
+                "newer is needed; the driver re-sends weights after a restart"
+            )
+        batch_id = f"{self.sampler_id}-{self.incarnation}-{self.sequence}"
         self.sequence += 1
         start = time.perf_counter()
         traj = self.policy.sample(prompts, seeds, self.version, self.sampler_id, batch_id)

@@ -8,6 +8,8 @@ log-probs recorded at sampling time, so the staleness is corrected, not ignored.
 
 Accounting: every batch id is either trained once, dropped (stale or non-finite reward) or left
 unused at the end; `batches_sampled = batches_trained + batches_dropped_* + batches_unused`.
+A batch lost with its sampler has no id yet: it is counted in `batches_lost` and sampled again
+(same prompts and seeds) once the restarted sampler has the newest weights.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ class Pending:
     meta: Any  # ObjectRef[dict]: batch_id, policy_version, samples, seconds
     scores: dict[str, Any]  # reward name -> ObjectRef[(rewards, info)]
     prompts: list[str]
+    seeds: np.ndarray
 
 
 @dataclass
@@ -76,21 +79,33 @@ def run_async(driver: Any) -> list[dict]:
     metrics_file = (driver.run_dir / "metrics.jsonl").open("a")
     samples_file = (driver.run_dir / "samples.jsonl").open("a")
 
+    retry: list[tuple[list[str], np.ndarray]] = []  # batches lost with a sampler, to resample
+
     def submit(i: int) -> None:
         nonlocal n_next
-        prompts, seeds = batch_schedule(config, n_next)
-        n_next += 1
-        traj, reward_input, meta = (
-            driver.samplers[i].sample.options(num_returns=3).remote(prompts, seeds)
-        )
+        if retry:
+            prompts, seeds = retry.pop(0)
+        else:
+            prompts, seeds = batch_schedule(config, n_next)
+            n_next += 1
+        min_version = max(0, version - k_max)  # never sample with weights already too stale
+        traj, reward_input, meta = driver.call_sampler(i, prompts, seeds, min_version)
         scores = {name: pool.score(reward_input) for name, pool in driver.pools.items()}
-        pending[list(scores.values())[-1]] = Pending(i, traj, meta, scores, prompts)
+        pending[list(scores.values())[-1]] = Pending(i, traj, meta, scores, prompts, seeds)
         inflight[i] += 1
 
     def receive(p: Pending) -> None:
         inflight[p.sampler] -= 1
-        meta = ray.get(p.meta)
-        results = {name: ray.get(ref) for name, ref in p.scores.items()}
+        try:
+            meta = ray.get(p.meta)
+            results = {name: ray.get(ref) for name, ref in p.scores.items()}
+        except driver.wiring.actor_errors as err:  # lost with its sampler: sample it again
+            for name, ref in p.scores.items():
+                driver.pools[name].done(ref)
+            totals["batches_lost"] += 1
+            driver.recover_sampler(p.sampler, err)
+            retry.append((p.prompts, p.seeds))
+            return
         for name, ref in p.scores.items():
             driver.pools[name].done(ref)
         busy["sampler"] += meta["seconds"]

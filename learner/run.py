@@ -129,6 +129,8 @@ def build_config(args: Args) -> Config:
 class InProcess:
     """Calls methods directly; results are plain values."""
 
+    actor_errors: tuple[type[BaseException], ...] = ()  # nothing dies here
+
     def create(self, cls: type, *args: Any, options: dict | None = None) -> Any:
         return cls(*args)
 
@@ -151,6 +153,8 @@ class OnRay:
         import ray
 
         self.ray = ray
+        # A call to an actor that died (and was restarted, or not) raises these.
+        self.actor_errors = (ray.exceptions.RayActorError,)
         # Inside `ray job submit` RAY_ADDRESS names the cluster: join it.
         address = address or os.environ.get("RAY_ADDRESS")
         self.joined = bool(address)
@@ -199,6 +203,7 @@ class OnRay:
         self.ray.kill(handle)
 
 
+SAMPLER_RESTARTS = 3
 ROLE_SHARE = 0.001
 """Each actor asks this much of its role resource: the resource says which node type may host
 it, the CPU/GPU request how many fit on one node."""
@@ -209,7 +214,10 @@ def role_options(role: str, gpu: bool) -> dict[str, Any]:
     Samplers get a `weights` concurrency group so new weights arrive during a long sample call."""
     options = {"num_cpus": 1, "num_gpus": 1 if gpu else 0, "resources": {role: ROLE_SHARE}}
     if role == "sampler":
+        # A lost sampler restarts (re-running __init__, so with no weights); the driver re-sends
+        # the newest weights before its next batch, and resamples the batch it lost.
         options["concurrency_groups"] = {"weights": 1}
+        options["max_restarts"] = SAMPLER_RESTARTS
     return options
 
 
@@ -301,6 +309,7 @@ class Driver:
             for _, name in self.terms
         }
         self._control_mtime = 0.0
+        self.lost_batches = 0  # batches lost with a sampler and sampled again
         self.learner = create(
             Learner, config, learner_threads, options=role_options("learner", gpu)
         )
@@ -310,31 +319,78 @@ class Driver:
 
     # ----- the steps of an epoch -----
     def publish(self) -> int:
-        """One object-store copy of the CPU LoRA state dict; every sampler gets its ref."""
+        """One object-store copy of the CPU LoRA state dict; every sampler gets its ref. Only the
+        newest ref is kept (the previous version's object is freed once samplers drop it)."""
         w = self.wiring
-        version, state = w.call(self.learner, "weights", num_returns=2)
-        w.get([w.call(s, "set_weights", version, state, group="weights") for s in self.samplers])
-        return w.get(version)
+        self.weights = w.call(self.learner, "weights", num_returns=2)  # (version, state) refs
+        sent = [self.send_weights(s) for s in self.samplers]
+        for i, ref in enumerate(sent):
+            try:
+                w.get(ref)
+            except w.actor_errors:  # restarting: it gets the weights once it is back
+                self.wait_for_sampler(i)
+        return w.get(self.weights[0])
+
+    def send_weights(self, sampler: Any) -> Any:
+        version, state = self.weights
+        return self.wiring.call(sampler, "set_weights", version, state, group="weights")
+
+    def call_sampler(self, i: int, prompts: list[str], seeds: np.ndarray, min_version: int) -> Any:
+        """Start sampler i on one batch: (trajectory, reward input, meta) refs. A sampler that
+        died and restarted has no weights: `min_version` makes it refuse to sample with them."""
+        w = self.wiring
+        return w.call(self.samplers[i], "sample", prompts, seeds, min_version, num_returns=3)
+
+    def recover_sampler(self, i: int, err: BaseException) -> None:
+        """After a sampler call failed with its actor: wait for the restart, re-send weights."""
+        self.lost_batches += 1
+        log.warning(
+            "sampler %d lost a batch (%s); re-sending weights and resampling", i, type(err).__name__
+        )
+        self.wait_for_sampler(i)
+
+    def wait_for_sampler(self, i: int) -> None:
+        """Re-send the newest weights to sampler i until it answers (it may be restarting)."""
+        for attempt in range(60):
+            try:
+                self.wiring.get(self.send_weights(self.samplers[i]))
+                return
+            except self.wiring.actor_errors:
+                time.sleep(min(0.5 * 2**attempt, 5.0))  # restarting (bounded by max_restarts)
+        raise RuntimeError(f"sampler {i} did not come back after {SAMPLER_RESTARTS} restarts")
 
     def sample_and_score(self, epoch: int) -> list[tuple[Any, list[str], dict[str, Any]]]:
         """Launch the epoch's sampler calls (every S-th batch to sampler S) and their rewards;
         reward actors read the images from the object store by ref, never through the driver."""
         prompts, seeds = epoch_schedule(self.config, epoch)
-        b, w = self.config.sample.batch_size, self.wiring
-        batches = []
-        for i in range(self.config.sample.num_batches_per_epoch):
-            sl = slice(i * b, (i + 1) * b)
-            sampler = self.samplers[i % len(self.samplers)]
-            traj, reward_input, _ = w.call(sampler, "sample", prompts[sl], seeds[sl], num_returns=3)
-            scores = {name: pool.score(reward_input) for name, pool in self.pools.items()}
-            batches.append((traj, prompts[sl], scores))
-        return batches
+        b = self.config.sample.batch_size
+        return [
+            self.launch(
+                i % len(self.samplers), prompts[i * b : (i + 1) * b], seeds[i * b : (i + 1) * b]
+            )
+            for i in range(self.config.sample.num_batches_per_epoch)
+        ]
+
+    def launch(self, i: int, prompts: list[str], seeds: np.ndarray) -> tuple:
+        """One batch on sampler i, scored by every reward pool: (i, prompts, seeds, traj, refs)."""
+        version = self.wiring.get(self.weights[0])
+        traj, reward_input, _ = self.call_sampler(i, prompts, seeds, min_version=version)
+        scores = {name: pool.score(reward_input) for name, pool in self.pools.items()}
+        return (i, prompts, seeds, traj, scores)
 
     def collect(self, epoch: int, batches: list, samples_file: Any, bar: tqdm) -> Epoch:
         """Wait for the rewards; a batch with a non-finite reward is dropped and counted."""
         out = Epoch(per_term={name: [] for _, name in self.terms})
-        for traj, prompts, refs in batches:
-            results = {name: self.wiring.get(ref) for name, ref in refs.items()}
+        for i, prompts, seeds, traj, refs in batches:
+            while True:
+                try:
+                    results = {name: self.wiring.get(ref) for name, ref in refs.items()}
+                    break
+                except self.wiring.actor_errors as err:  # the sampler died with this batch
+                    for name, ref in refs.items():
+                        self.pools[name].done(ref)
+                    self.recover_sampler(i, err)
+                    i, prompts, seeds, traj, refs = self.launch(i, prompts, seeds)
             for name, ref in refs.items():
                 self.pools[name].done(ref)
             bar.update(1)
@@ -369,7 +425,7 @@ class Driver:
         Appends {"when", "reward_mean", ...} to RUN_DIR/eval.jsonl and returns it."""
         prompts, seeds = grid_schedule(self.config)
         w = self.wiring
-        traj, reward_input, meta = w.call(self.samplers[0], "sample", prompts, seeds, num_returns=3)
+        traj, reward_input, meta = self.call_sampler(0, prompts, seeds, min_version=0)
         refs = {name: pool.score(reward_input) for name, pool in self.pools.items()}
         results = {name: w.get(ref) for name, ref in refs.items()}
         for name, ref in refs.items():
@@ -471,6 +527,7 @@ class Driver:
                     "grad_norm": update.get("grad_norm"),
                     "samples": int(len(rewards)),
                     "batches_dropped": got.dropped,
+                    "batches_lost_total": self.lost_batches,
                     "seconds": round(time.time() - start, 3),
                 }
                 if len(self.terms) > 1:

@@ -41,8 +41,8 @@ def test_update_moves_weights_and_bumps_version(tiny_pipe, algorithm):
     learner = make_learner(tiny_pipe, config)
     prompts = [config.prompts[i % len(config.prompts)] for i in range(8)]
     batches = [
-        learner.policy.sample(prompts[:4], [0, 1, 2, 3]),
-        learner.policy.sample(prompts[4:], [4, 5, 6, 7]),
+        learner.policy.sample(prompts[:4], [0, 1, 2, 3], batch_id="0-0"),
+        learner.policy.sample(prompts[4:], [4, 5, 6, 7], batch_id="0-1"),
     ]
     rewards = np.linspace(-1, 1, 8).astype(np.float32)
     _, before = learner.weights()
@@ -91,3 +91,12 @@ def test_in_process_run_writes_run_directory(tmp_path):
     assert saved["task"] == "compressibility" and saved["sample"]["num_steps"] == 4
     for name in ("grid_start.png", "grid_end.png", "lora/pytorch_lora_weights.safetensors"):
         assert (tmp_path / name).is_file()
+
+
+def test_a_batch_is_never_trained_twice(tiny_pipe):
+    config = small_config()
+    learner = make_learner(tiny_pipe, config)
+    batch = learner.policy.sample(list(config.prompts[:4]), [0, 1, 2, 3], batch_id="0-7")
+    learner.update(np.array([1, -1, 1, -1.0]), np.zeros(4), batch)
+    with pytest.raises(ValueError, match="already trained"):
+        learner.update(np.array([1, -1, 1, -1.0]), np.zeros(4), batch)
