@@ -464,8 +464,18 @@ class Driver:
         for pool in self.pools.values():
             pool.autoscale()
 
+    def reward_busy(self) -> dict[str, float]:
+        """Busy fraction of each reward pool (mean over its actors' `stats()`)."""
+        w, busy = self.wiring, {}
+        for name, pool in self.pools.items():
+            stats = w.get([w.call(actor, "stats") for actor in pool.actors])
+            key = f"reward/{name}/busy_fraction"
+            busy[key] = float(np.mean([s[key] for s in stats]))
+        return busy
+
     def log(self, record: dict, metrics_file: Any) -> None:
         record.update({f"reward_workers/{n}": len(p) for n, p in self.pools.items()})
+        record.update(self.reward_busy())
         metrics_file.write(json.dumps(record) + "\n")
         metrics_file.flush()
         self.exporter.update(record)

@@ -28,6 +28,7 @@ def test_async_staleness_and_accounting(
         }
         assert sum(hist.values()) == 2 and max(hist) <= max_staleness
         assert 0 <= r["busy/sampler"] <= 1.01 and 0 <= r["busy/learner"] <= 1.01
+        assert 0 <= r["reward/jpeg_compressibility/busy_fraction"] <= 1
     assert [r["policy_version"] for r in lines] == list(range(config.epochs))
     # Every sampled batch is trained once, dropped, or left unused at the end.
     totals = json.loads((tmp_path / "accounting.json").read_text())
