@@ -82,6 +82,17 @@ def load_aesthetic_mlp(path: str | Path) -> AestheticMLP:
     return mlp.eval()
 
 
+TINY_VISION = dict(
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=2,
+    image_size=32,
+    patch_size=8,
+)
+"""The tiny CLIP vision tower of the test models (tiny CLIP here, tiny LLaVA's tower)."""
+
+
 def build_tiny_clip(out_dir: str | Path, seed: int = 0) -> Path:
     """A seeded tiny CLIPModel (32x32 images, 768-dim projection so the real MLP fits) and its
     image processor, written with save_pretrained: load it back like any CLIP checkpoint."""
@@ -96,14 +107,7 @@ def build_tiny_clip(out_dir: str | Path, seed: int = 0) -> Path:
             num_attention_heads=2,
             max_position_embeddings=16,
         ),
-        vision_config=dict(
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            image_size=32,
-            patch_size=8,
-        ),
+        vision_config=TINY_VISION,
         projection_dim=EMBED_DIM,
     )
     torch.manual_seed(seed)

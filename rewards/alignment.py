@@ -215,6 +215,8 @@ def build_tiny_llava(out_dir: str | Path, seed: int = 0) -> Path:
         PreTrainedTokenizerFast,
     )
 
+    from rewards.aesthetic import TINY_VISION
+
     bpe = Tokenizer(models.BPE(unk_token="<unk>"))
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     bpe.decoder = decoders.ByteLevel()
@@ -245,14 +247,7 @@ def build_tiny_llava(out_dir: str | Path, seed: int = 0) -> Path:
         chat_template=LLAVA15_CHAT_TEMPLATE,
     )
     config = LlavaConfig(
-        vision_config=CLIPVisionConfig(
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            image_size=32,
-            patch_size=8,
-        ),
+        vision_config=CLIPVisionConfig(**TINY_VISION),
         text_config=LlamaConfig(
             vocab_size=len(tokenizer),
             hidden_size=32,
