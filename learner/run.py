@@ -142,6 +142,9 @@ class InProcess:
     def get(self, refs: Any) -> Any:
         return refs
 
+    def get_ready(self, refs: list, timeout: float) -> list:
+        return refs
+
     def kill(self, handle: Any) -> None:
         pass
 
@@ -198,6 +201,11 @@ class OnRay:
 
     def get(self, refs: Any) -> Any:
         return self.ray.get(refs)
+
+    def get_ready(self, refs: list, timeout: float) -> list:
+        """The values of those refs that are ready within `timeout` seconds."""
+        ready, _ = self.ray.wait(refs, num_returns=len(refs), timeout=timeout)
+        return self.ray.get(ready)
 
     def kill(self, handle: Any) -> None:
         self.ray.kill(handle)
@@ -465,12 +473,14 @@ class Driver:
             pool.autoscale()
 
     def reward_busy(self) -> dict[str, float]:
-        """Busy fraction of each reward pool (mean over its actors' `stats()`)."""
+        """Busy fraction of each reward pool (mean over its actors' `stats()`). An actor that is
+        not up yet (a pool grown past what the cluster holds now) is left out, not waited for."""
         w, busy = self.wiring, {}
         for name, pool in self.pools.items():
-            stats = w.get([w.call(actor, "stats") for actor in pool.actors])
+            stats = w.get_ready([w.call(actor, "stats") for actor in pool.actors], timeout=1.0)
             key = f"reward/{name}/busy_fraction"
-            busy[key] = float(np.mean([s[key] for s in stats]))
+            if stats:
+                busy[key] = float(np.mean([s[key] for s in stats]))
         return busy
 
     def log(self, record: dict, metrics_file: Any) -> None:

@@ -20,7 +20,8 @@ def tiny_pipe():
 def ray_instance():
     """One local Ray instance per test module (starting Ray costs seconds)."""
     ray = pytest.importorskip("ray")
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    # Logical CPUs: room for samplers, the learner and grown reward pools (actors mostly wait).
+    ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False)
     yield ray
     ray.shutdown()
 
