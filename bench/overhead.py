@@ -50,7 +50,8 @@ def main(args: Args) -> None:
     import ray
 
     plain = timed_run(args.epochs, in_process=True)
-    ray.init(include_dashboard=False, log_to_driver=False)
+    # As learner.run does for its own local instance: a logical CPU per actor (they take turns).
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
     on_ray = timed_run(args.epochs, in_process=False)
     ray.shutdown()
     ratio = on_ray["epoch_seconds_mean"] / plain["epoch_seconds_mean"]
