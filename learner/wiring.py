@@ -1,0 +1,113 @@
+"""Wiring: the same driver loop runs on Ray (actors, ObjectRefs) or in one process (tests,
+debugging, the overhead benchmark). Also the Ray options of each role's actors."""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+log = logging.getLogger("learner.run")
+
+
+class InProcess:
+    """Calls methods directly; results are plain values."""
+
+    actor_errors: tuple[type[BaseException], ...] = ()  # nothing dies here
+
+    def create(self, cls: type, *args: Any, options: dict | None = None) -> Any:
+        return cls(*args)
+
+    def call(
+        self, handle: Any, method: str, *args: Any, num_returns: int = 1, group: str | None = None
+    ) -> Any:
+        return getattr(handle, method)(*args)
+
+    def get(self, refs: Any) -> Any:
+        return refs
+
+    def get_ready(self, refs: list, timeout: float) -> list:
+        return refs
+
+    def kill(self, handle: Any) -> None:
+        pass
+
+
+class OnRay:
+    """Actors and ObjectRefs; the driver never touches images or trajectories."""
+
+    def __init__(self, address: str | None, min_cpus: int, resources: dict[str, float]):
+        import ray
+
+        self.ray = ray
+        # A call to an actor that died (and was restarted, or not) raises these.
+        self.actor_errors = (ray.exceptions.RayActorError,)
+        # Inside `ray job submit` RAY_ADDRESS names the cluster: join it.
+        address = address or os.environ.get("RAY_ADDRESS")
+        self.joined = bool(address)
+        if not ray.is_initialized():
+            if address:
+                ray.init(address=address)
+            else:
+                # Logical CPUs: in sync mode the actors take turns, so they may share the cores.
+                ray.init(num_cpus=max(os.cpu_count() or 1, min_cpus), resources=resources)
+
+    def create(self, cls: type, *args: Any, options: dict | None = None) -> Any:
+        options = dict(options or {"num_cpus": 1})
+        # Role resources place actors on their node type. On a joined cluster they are kept even
+        # when no node offers them yet (the autoscaler starts one); on a Ray instance of this
+        # process that lacks them, the actor goes anywhere, with a warning.
+        wanted = options.pop("resources", {})
+        resources = wanted
+        if not self.joined:
+            available = self.ray.cluster_resources()
+            resources = {k: v for k, v in wanted.items() if k in available}
+            if len(resources) < len(wanted):
+                log.warning(
+                    "Ray offers no %s; placing %s anywhere",
+                    sorted(set(wanted) - set(resources)),
+                    cls.__name__,
+                )
+        # Concurrency groups belong to the actor class, not to .options().
+        groups = options.pop("concurrency_groups", None)
+        actor_cls = (
+            self.ray.remote(concurrency_groups=groups)(cls) if groups else self.ray.remote(cls)
+        )
+        return actor_cls.options(**options, resources=resources).remote(*args)
+
+    def call(
+        self, handle: Any, method: str, *args: Any, num_returns: int = 1, group: str | None = None
+    ) -> Any:
+        options: dict[str, Any] = {"num_returns": num_returns}
+        if group:
+            options["concurrency_group"] = group
+        return getattr(handle, method).options(**options).remote(*args)
+
+    def get(self, refs: Any) -> Any:
+        return self.ray.get(refs)
+
+    def get_ready(self, refs: list, timeout: float) -> list:
+        """The values of those refs that are ready within `timeout` seconds."""
+        ready, _ = self.ray.wait(refs, num_returns=len(refs), timeout=timeout)
+        return self.ray.get(ready)
+
+    def kill(self, handle: Any) -> None:
+        self.ray.kill(handle)
+
+
+SAMPLER_RESTARTS = 3
+ROLE_SHARE = 0.001
+"""Each actor asks this much of its role resource: the resource says which node type may host
+it, the CPU/GPU request how many fit on one node."""
+
+
+def role_options(role: str, gpu: bool) -> dict[str, Any]:
+    """Ray options of a sampler or learner actor: its role resource, and one GPU on GPU runs.
+    Samplers get a `weights` concurrency group so new weights arrive during a long sample call."""
+    options = {"num_cpus": 1, "num_gpus": 1 if gpu else 0, "resources": {role: ROLE_SHARE}}
+    if role == "sampler":
+        # A lost sampler restarts (re-running __init__, so with no weights); the driver re-sends
+        # the newest weights before its next batch, and resamples the batch it lost.
+        options["concurrency_groups"] = {"weights": 1}
+        options["max_restarts"] = SAMPLER_RESTARTS
+    return options
