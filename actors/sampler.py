@@ -26,6 +26,9 @@ class StaleWeightsError(RuntimeError):
 
 class Sampler:
     def __init__(self, config: Config, sampler_id: int, threads: int | None = None):
+        # torch's thread count is per OS thread, and a threaded actor (concurrency groups) runs
+        # its methods on other threads than __init__: set it again in every call.
+        self.threads = threads
         if threads:
             torch.set_num_threads(threads)
         self.sampler_id = sampler_id
@@ -66,6 +69,8 @@ class Sampler:
         a few bytes of metadata for the driver (batch id, policy version, size, seconds).
 
         Refuses to sample with weights older than `min_version` (a restarted sampler has none)."""
+        if self.threads:
+            torch.set_num_threads(self.threads)
         self._apply_pending()
         if self.version < min_version:
             raise StaleWeightsError(

@@ -17,6 +17,7 @@ class Learner:
     """Owns the trainable policy; `update` consumes trajectories and advantages, bumps the version."""
 
     def __init__(self, config: Config, threads: int | None = None, policy: Policy | None = None):
+        self.threads = threads  # set again in every call: torch's thread count is per OS thread
         if threads:
             torch.set_num_threads(threads)
         self.config = config
@@ -47,6 +48,8 @@ class Learner:
         self, advantages: np.ndarray, rewards: np.ndarray, *batches: Trajectory
     ) -> dict[str, float]:
         """One epoch of training on `batches` (advantages and rewards in the same sample order)."""
+        if self.threads:
+            torch.set_num_threads(self.threads)
         seen = [b.batch_id for b in batches if b.batch_id in self.trained_batches]
         if seen or len({b.batch_id for b in batches}) < len(batches):
             raise ValueError(f"batches {seen or 'in this call'} were already trained on")
