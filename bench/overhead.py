@@ -20,7 +20,8 @@ import numpy as np
 import tyro
 
 from ddpo.config import task_config
-from learner.run import InProcess, train
+from learner.driver import train
+from learner.wiring import InProcess
 
 
 @dataclass(frozen=True)

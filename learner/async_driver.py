@@ -59,7 +59,7 @@ def batch_schedule(config: Config, n: int) -> tuple[list[str], np.ndarray]:
 
 
 def run_async(driver: Any) -> list[dict]:
-    """The async loop over a `learner.run.Driver`'s actors (Ray only)."""
+    """The async loop over a `learner.driver.Driver`'s actors (Ray only)."""
     config: Config = driver.config
     ray = driver.wiring.ray
     nb, k_max = config.sample.num_batches_per_epoch, config.max_staleness

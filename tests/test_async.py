@@ -6,7 +6,7 @@ import json
 import pytest
 
 from ddpo.config import task_config
-from learner.run import train
+from learner.driver import train
 
 
 @pytest.mark.slow
@@ -50,7 +50,7 @@ def test_async_staleness_and_accounting(
 
 
 def test_async_needs_ray(small_config):
-    from learner.run import InProcess
+    from learner.wiring import InProcess
 
     with pytest.raises(ValueError, match="async runs on Ray only"):
         train(small_config(mode="async", epochs=1), InProcess())

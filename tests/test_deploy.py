@@ -138,7 +138,7 @@ class _Stop(Exception):
 
 
 class RecordingWiring:
-    """Stands in for learner.run.OnRay: records each actor's class and Ray options, then stops
+    """Stands in for learner.wiring.OnRay: records each actor's class and Ray options, then stops
     the driver at its first remote call."""
 
     def __init__(self):
@@ -157,7 +157,7 @@ class RecordingWiring:
 
 def actors_of(config, tmp_path) -> list[tuple[str, dict]]:
     """The actors (class name, Ray options) that learner.run's driver creates for `config`."""
-    from learner.run import train
+    from learner.driver import train
 
     changes = {"run_dir": tmp_path}
     if hasattr(config, "metrics_port"):  # never bind a port here

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from ddpo.config import task_config
-from learner.run import train
+from learner.driver import train
 
 EPOCHS = 15
 # Reward is -JPEG kB (epoch-0 std 0.066 kB). Measured on the 48 evaluation samples after 15

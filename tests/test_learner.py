@@ -10,8 +10,9 @@ import torch
 
 from ddpo.config import SampleConfig, StatTrackerConfig, TrainConfig, task_config
 from ddpo.policy import Policy
+from learner.driver import train
 from learner.learner import Learner
-from learner.run import InProcess, train
+from learner.wiring import InProcess
 
 
 def small_config(algorithm="ddpo_is", learning_rate=1e-3, **train):

@@ -6,7 +6,8 @@ import json
 
 import pytest
 
-from learner.run import OnRay, role_options, train
+from learner.driver import train
+from learner.wiring import OnRay, role_options
 
 REWARD = "reward_jpeg_compressibility"
 
@@ -56,7 +57,7 @@ def test_gpu_runs_ask_for_a_gpu_on_their_node_type(cluster):
 
 @pytest.mark.slow
 def test_roles_placement_pool_growth_and_a_full_run(cluster, small_config, tmp_path):
-    from learner.run import Driver
+    from learner.driver import Driver
 
     c, nodes = cluster
     config = small_config(reward_workers_range=("jpeg_compressibility=1:2",))

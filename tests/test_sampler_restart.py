@@ -30,7 +30,7 @@ def kill_sampler_during(driver, after_epochs):
 @pytest.mark.parametrize("mode", ["sync", "async"])
 def test_killed_sampler_restarts_with_newest_weights(ray_instance, small_config, mode):
     from ddpo.config import SampleConfig
-    from learner.run import Driver
+    from learner.driver import Driver
 
     # Sampling takes about as long as training here, so the kill lands inside a sampler call.
     config = small_config(

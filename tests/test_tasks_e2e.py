@@ -6,7 +6,7 @@ import json
 import numpy as np
 import pytest
 
-from learner.run import train
+from learner.driver import train
 
 
 @pytest.mark.slow

@@ -1,0 +1,399 @@
+"""The driver: creates a run's actors and drives its epochs (sync here, async in
+`learner.async_driver`); `learner.run` is its command line.
+
+    history = train(config)                   # on a local Ray instance (or config.address)
+    history = train(config, InProcess())      # every part in this process, no Ray
+
+Each step is one named call: publish the LoRA weights, sample, score, compute advantages,
+update, log, checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm import tqdm
+
+from actors.reward import RewardWorker, local_role_resources, reward_actor_options
+from actors.sampler import Sampler
+from ddpo.config import Config
+from ddpo.images import save_grid
+from ddpo.lora import save_lora
+from learner.async_driver import run_async
+from learner.learner import Learner
+from learner.metrics import metrics_exporter
+from learner.report import TensorBoardWriter, grid_name, write_report
+from learner.reward_pool import PoolSize, RewardPool, parse_pool_sizes
+from learner.stat_tracker import PerPromptStatTracker, batch_advantages
+from learner.wiring import SAMPLER_RESTARTS, InProcess, OnRay, role_options
+from rewards import (
+    combine_rewards,
+    parse_reward_options,
+    parse_reward_spec,
+    reward_options,
+    sample_records,
+)
+
+log = logging.getLogger("learner.run")
+
+
+def epoch_schedule(config: Config, epoch: int) -> tuple[list[str], np.ndarray]:
+    """The prompts and noise seeds of every sample of an epoch, a function of (seed, epoch)."""
+    rng = np.random.default_rng([config.seed, epoch])
+    n = config.samples_per_epoch
+    prompts = [config.prompts[i] for i in rng.integers(len(config.prompts), size=n)]
+    return prompts, rng.integers(0, 2**31 - 1, size=n, dtype=np.int64)
+
+
+def grid_schedule(config: Config) -> tuple[list[str], np.ndarray]:
+    """Fixed prompts and seeds for the image grids."""
+    prompts = list(config.prompts[: config.grid_prompts])
+    rows = [p for p in prompts for _ in range(config.grid_seeds)]
+    seeds = np.tile(np.arange(config.grid_seeds, dtype=np.int64) + 10_000, len(prompts))
+    return rows, seeds
+
+
+def format_record(record: dict) -> str:
+    """One console line per epoch; metrics an algorithm does not produce are left out."""
+    parts = [
+        f"epoch {record['epoch']:3d}",
+        f"v{record['policy_version']}",
+        f"reward {record['reward_mean']:+.4f} ± {record['reward_std']:.4f}",
+    ]
+    for key, fmt in (("loss", "+.2e"), ("approx_kl", ".2e"), ("clipfrac", ".3f")):
+        if record.get(key) is not None:
+            parts.append(f"{key} {record[key]:{fmt}}")
+    parts.append(f"{record['seconds']:.1f}s")
+    return "  ".join(parts)
+
+
+class Driver:
+    """Creates the actors of a run and drives its sync epochs; every step is one named call."""
+
+    def __init__(self, config: Config, wiring: InProcess | OnRay | None = None):
+        self.config = config
+        self.run_dir = Path(config.run_dir or "runs/run")
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        (self.run_dir / "config.json").write_text(
+            json.dumps(dataclasses.asdict(config), indent=2, default=str)
+        )
+        self.terms = parse_reward_spec(config.reward)
+        options = reward_options(
+            config.reward, parse_reward_options(config.reward_options), tiny=config.model == "tiny"
+        )
+        sizes = parse_pool_sizes(config.reward_workers, config.reward_workers_range)
+        unknown = sorted(set(sizes) - {name for _, name in self.terms})
+        if unknown:
+            raise ValueError(
+                f"--reward-workers names {unknown}, but the reward is {config.reward!r}; "
+                "name one of its terms"
+            )
+        self.wiring = wiring or OnRay(
+            config.address,
+            min_cpus=config.num_samplers
+            + sum(sizes.get(n, PoolSize()).max for _, n in self.terms)
+            + 1,
+            resources={"sampler": config.num_samplers, "learner": 1}
+            | local_role_resources(config.reward),
+        )
+        self.exporter = metrics_exporter(config.metrics_port, config.metrics_host)
+        self.board = TensorBoardWriter(self.run_dir / "tensorboard") if config.tensorboard else None
+
+        # Sync mode: samplers run together, then the learner alone; async: all at once. Split
+        # the cores so that torch never runs more threads than there are cores.
+        threads = os.cpu_count() or 1
+        busy_together = config.num_samplers + (config.mode == "async")
+        sampler_threads = max(1, threads // busy_together)
+        learner_threads = sampler_threads if config.mode == "async" else threads
+        gpu = config.device.startswith("cuda")
+        create = self.wiring.create
+        self.samplers = [
+            create(Sampler, config, i, sampler_threads, options=role_options("sampler", gpu))
+            for i in range(config.num_samplers)
+        ]
+        w = self.wiring
+        self.pools = {
+            name: RewardPool(
+                name,
+                sizes.get(name, PoolSize()),
+                make_actor=lambda name=name: create(
+                    RewardWorker, name, options[name], options=reward_actor_options(name, gpu=gpu)
+                ),
+                call=lambda actor, reward_input: w.call(actor, "score", reward_input),
+                kill=lambda actor: w.kill(actor),
+            )
+            for _, name in self.terms
+        }
+        self._control_mtime = 0.0
+        self.lost_batches = 0  # batches lost with a sampler and sampled again
+        self.learner = create(
+            Learner, config, learner_threads, options=role_options("learner", gpu)
+        )
+        self.tracker = PerPromptStatTracker(
+            config.stat_tracker.buffer_size, config.stat_tracker.min_count
+        )
+
+    # ----- the steps of an epoch -----
+    def publish(self) -> int:
+        """One object-store copy of the CPU LoRA state dict; every sampler gets its ref. Only the
+        newest ref is kept (the previous version's object is freed once samplers drop it)."""
+        w = self.wiring
+        self.weights = w.call(self.learner, "weights", num_returns=2)  # (version, state) refs
+        sent = [self.send_weights(s) for s in self.samplers]
+        for i, ref in enumerate(sent):
+            try:
+                w.get(ref)
+            except w.actor_errors:  # restarting: it gets the weights once it is back
+                self.wait_for_sampler(i)
+        return w.get(self.weights[0])
+
+    def send_weights(self, sampler: Any) -> Any:
+        version, state = self.weights
+        return self.wiring.call(sampler, "set_weights", version, state, group="weights")
+
+    def call_sampler(self, i: int, prompts: list[str], seeds: np.ndarray, min_version: int) -> Any:
+        """Start sampler i on one batch: (trajectory, reward input, meta) refs. A sampler that
+        died and restarted has no weights: `min_version` makes it refuse to sample with them."""
+        w = self.wiring
+        return w.call(self.samplers[i], "sample", prompts, seeds, min_version, num_returns=3)
+
+    def recover_sampler(self, i: int, err: BaseException) -> None:
+        """After a sampler call failed with its actor: wait for the restart, re-send weights."""
+        self.lost_batches += 1
+        log.warning(
+            "sampler %d lost a batch (%s); re-sending weights and resampling", i, type(err).__name__
+        )
+        self.wait_for_sampler(i)
+
+    def wait_for_sampler(self, i: int) -> None:
+        """Re-send the newest weights to sampler i until it answers (it may be restarting)."""
+        for attempt in range(60):
+            try:
+                self.wiring.get(self.send_weights(self.samplers[i]))
+                return
+            except self.wiring.actor_errors:
+                time.sleep(min(0.5 * 2**attempt, 5.0))  # restarting (bounded by max_restarts)
+        raise RuntimeError(f"sampler {i} did not come back after {SAMPLER_RESTARTS} restarts")
+
+    def sample_and_score(self, epoch: int) -> list[tuple[Any, list[str], dict[str, Any]]]:
+        """Launch the epoch's sampler calls (every S-th batch to sampler S) and their rewards;
+        reward actors read the images from the object store by ref, never through the driver."""
+        prompts, seeds = epoch_schedule(self.config, epoch)
+        b = self.config.sample.batch_size
+        return [
+            self.launch(
+                i % len(self.samplers), prompts[i * b : (i + 1) * b], seeds[i * b : (i + 1) * b]
+            )
+            for i in range(self.config.sample.num_batches_per_epoch)
+        ]
+
+    def launch(self, i: int, prompts: list[str], seeds: np.ndarray) -> tuple:
+        """One batch on sampler i, scored by every reward pool: (i, prompts, seeds, traj, refs)."""
+        version = self.wiring.get(self.weights[0])
+        traj, reward_input, _ = self.call_sampler(i, prompts, seeds, min_version=version)
+        scores = {name: pool.score(reward_input) for name, pool in self.pools.items()}
+        return (i, prompts, seeds, traj, scores)
+
+    def collect(self, epoch: int, batches: list, samples_file: Any, bar: tqdm) -> Epoch:
+        """Wait for the rewards; a batch with a non-finite reward is dropped and counted."""
+        out = Epoch(per_term={name: [] for _, name in self.terms})
+        for i, prompts, seeds, traj, refs in batches:
+            while True:
+                try:
+                    results = {name: self.wiring.get(ref) for name, ref in refs.items()}
+                    break
+                except self.wiring.actor_errors as err:  # the sampler died with this batch
+                    for name, ref in refs.items():
+                        self.pools[name].done(ref)
+                    self.recover_sampler(i, err)
+                    i, prompts, seeds, traj, refs = self.launch(i, prompts, seeds)
+            for name, ref in refs.items():
+                self.pools[name].done(ref)
+            bar.update(1)
+            rewards, info = combine_rewards(self.terms, results)
+            if not np.isfinite(rewards).all():
+                log.warning("epoch %d: dropping a batch with non-finite rewards %s", epoch, rewards)
+                out.dropped += 1
+                continue
+            out.trajs.append(traj)
+            out.prompts.extend(prompts)
+            out.rewards.append(rewards)
+            for name, (term_rewards, _) in results.items():
+                out.per_term[name].append(np.asarray(term_rewards, np.float32))
+            for record in sample_records(prompts, rewards, info):
+                samples_file.write(json.dumps({"epoch": epoch, **record}, default=float) + "\n")
+        if not out.trajs:
+            raise RuntimeError(f"epoch {epoch}: every batch had non-finite rewards; stopping")
+        return out
+
+    def advantages(self, prompts: list[str], rewards: np.ndarray) -> np.ndarray:
+        if self.config.stat_tracker.per_prompt:
+            return self.tracker.update(prompts, rewards)
+        return batch_advantages(rewards)
+
+    def update(self, advantages: np.ndarray, rewards: np.ndarray, trajs: list) -> dict:
+        w = self.wiring
+        return w.get(w.call(self.learner, "update", advantages, rewards, *trajs))
+
+    def grid(self, when: int | str) -> dict:
+        """Image grid of the fixed prompts x seeds under the current weights, and their reward:
+        the same prompts and noise at every evaluation, so evaluations compare like with like.
+        Appends {"when", "reward_mean", ...} to RUN_DIR/eval.jsonl and returns it."""
+        prompts, seeds = grid_schedule(self.config)
+        w = self.wiring
+        traj, reward_input, meta = self.call_sampler(0, prompts, seeds, min_version=0)
+        refs = {name: pool.score(reward_input) for name, pool in self.pools.items()}
+        results = {name: w.get(ref) for name, ref in refs.items()}
+        for name, ref in refs.items():
+            self.pools[name].done(ref)
+        rewards, _ = combine_rewards(self.terms, results)
+        path = self.run_dir / grid_name(when)
+        save_grid(w.get(traj).images, path, columns=self.config.grid_seeds)
+        if self.board:
+            self.board.image("grid", path, step=when if isinstance(when, int) else 0)
+        record = {
+            "when": when,
+            "policy_version": w.get(meta)["policy_version"],
+            "reward_mean": float(np.mean(rewards)),
+            "reward_std": float(np.std(rewards)),
+            "samples": len(rewards),
+        }
+        with (self.run_dir / "eval.jsonl").open("a") as f:
+            f.write(json.dumps(record) + "\n")
+        return record
+
+    def resize_rewards(self) -> None:
+        """Autoscale each reward pool, and apply sizes asked for in RUN_DIR/control.json
+        ({"reward_workers": {"aesthetic": 4}}) when that file changes."""
+        control = self.run_dir / "control.json"
+        if control.exists() and control.stat().st_mtime != self._control_mtime:
+            self._control_mtime = control.stat().st_mtime
+            try:
+                wanted = json.loads(control.read_text()).get("reward_workers", {})
+                for name, n in wanted.items():
+                    if name not in self.pools:
+                        raise ValueError(f"no reward pool {name!r}; pools: {sorted(self.pools)}")
+                    got = self.pools[name].resize(int(n))
+                    log.info("control.json: reward pool %s -> %d (asked %s)", name, got, n)
+            except (ValueError, TypeError, AttributeError) as err:
+                log.warning("ignoring %s: %s", control, err)
+        for pool in self.pools.values():
+            pool.autoscale()
+
+    def reward_busy(self) -> dict[str, float]:
+        """Busy fraction of each reward pool (mean over its actors' `stats()`). An actor that is
+        not up yet (a pool grown past what the cluster holds now) is left out, not waited for."""
+        w, busy = self.wiring, {}
+        for name, pool in self.pools.items():
+            stats = w.get_ready([w.call(actor, "stats") for actor in pool.actors], timeout=1.0)
+            key = f"reward/{name}/busy_fraction"
+            if stats:
+                busy[key] = float(np.mean([s[key] for s in stats]))
+        return busy
+
+    def log(self, record: dict, metrics_file: Any) -> None:
+        record.update({f"reward_workers/{n}": len(p) for n, p in self.pools.items()})
+        record.update(self.reward_busy())
+        metrics_file.write(json.dumps(record) + "\n")
+        metrics_file.flush()
+        self.exporter.update(record)
+        if self.board:
+            self.board.scalars(record, record["epoch"])
+        print(format_record(record), flush=True)
+
+    # ----- the loop -----
+    def run(self) -> list[dict]:
+        """Run `config.epochs` sync DDPO epochs; return the per-epoch metrics."""
+        try:
+            if self.config.mode == "async":
+                if not isinstance(self.wiring, OnRay):
+                    raise ValueError("--mode async runs on Ray only; drop --in-process")
+                return run_async(self)
+            return self._run()
+        finally:
+            self.exporter.close()
+            if self.board:
+                self.board.close()
+            if (self.run_dir / "metrics.jsonl").exists():
+                write_report(self.run_dir)
+
+    def _run(self) -> list[dict]:
+        config, history = self.config, []
+        self.publish()
+        self.grid("start")
+        with (
+            (self.run_dir / "metrics.jsonl").open("a") as metrics_file,
+            (self.run_dir / "samples.jsonl").open("a") as samples_file,
+        ):
+            for epoch in range(config.epochs):
+                start = time.time()
+                self.resize_rewards()
+                version = self.publish()
+                # One bar per epoch: a step per sampled-and-scored batch, then the update.
+                bar = tqdm(
+                    total=len(batches := self.sample_and_score(epoch)) + 1,
+                    desc=f"epoch {epoch} sample+score",
+                    leave=False,
+                    disable=None,
+                )
+                got = self.collect(epoch, batches, samples_file, bar)
+                rewards = np.concatenate(got.rewards)
+                advantages = self.advantages(got.prompts, rewards)
+                bar.set_description(f"epoch {epoch} train")
+                update = self.update(advantages, rewards, got.trajs)
+                bar.update(1)
+                bar.close()
+
+                record = {
+                    "epoch": epoch,
+                    "policy_version": version,
+                    "reward_mean": float(rewards.mean()),
+                    "reward_std": float(rewards.std()),
+                    "loss": update.get("loss"),
+                    "approx_kl": update.get("approx_kl"),
+                    "clipfrac": update.get("clipfrac"),
+                    "grad_norm": update.get("grad_norm"),
+                    "samples": int(len(rewards)),
+                    "batches_dropped": got.dropped,
+                    "batches_lost_total": self.lost_batches,
+                    "seconds": round(time.time() - start, 3),
+                }
+                if len(self.terms) > 1:
+                    for name, parts in got.per_term.items():
+                        record[f"reward/{name}/mean"] = float(np.concatenate(parts).mean())
+                        record[f"reward/{name}/std"] = float(np.concatenate(parts).std())
+                history.append(record)
+                self.log(record, metrics_file)
+                if config.grid_every and (epoch + 1) % config.grid_every == 0:
+                    self.grid(epoch + 1)
+                samples_file.flush()
+
+        self.publish()
+        _, state = self.wiring.call(self.learner, "weights", num_returns=2)
+        save_lora(self.wiring.get(state), self.run_dir / "lora")
+        self.grid("end")
+        return history
+
+
+@dataclass
+class Epoch:
+    """What one epoch's scoring kept, in sample order."""
+
+    trajs: list = field(default_factory=list)  # Trajectory batches or their refs
+    prompts: list[str] = field(default_factory=list)
+    rewards: list[np.ndarray] = field(default_factory=list)
+    per_term: dict[str, list[np.ndarray]] = field(default_factory=dict)
+    dropped: int = 0
+
+
+def train(config: Config, wiring: InProcess | OnRay | None = None) -> list[dict]:
+    """Run `config.epochs` sync DDPO epochs; return the per-epoch metrics."""
+    return Driver(config, wiring).run()
