@@ -126,6 +126,14 @@ class Config:
     """Also save an image grid every N epochs (0: only at the start and the end)."""
     tensorboard: bool = False
     """Log scalars and grids to RUN_DIR/tensorboard (needs `pip install tensorboard`)."""
+    save_every: int = 5
+    """Checkpoint every N epochs (sync) or updates (async), and at the end; 0 turns it off."""
+    keep_checkpoints: int = 3
+    """Checkpoints kept in RUN_DIR/checkpoints (the newest ones)."""
+    auto_resume: bool = False
+    """If the learner is lost, start a new one from the last checkpoint instead of stopping."""
+    max_bad_batches: int = 10
+    """Stop the run when this many batches in a row had a non-finite (or failed) reward."""
     grid_prompts: int = 4
     """Fixed prompts (the first of the set) in the image grids and evaluations."""
     grid_seeds: int = 4
@@ -144,6 +152,13 @@ class Config:
                 f"max_staleness={self.max_staleness} must be >= 0 and "
                 f"max_inflight={self.max_inflight} >= 1"
             )
+        if self.save_every < 0 or self.keep_checkpoints < 1 or self.max_bad_batches < 1:
+            raise ValueError(
+                f"save_every={self.save_every} must be >= 0, keep_checkpoints="
+                f"{self.keep_checkpoints} and max_bad_batches={self.max_bad_batches} >= 1"
+            )
+        if self.auto_resume and not self.save_every:
+            raise ValueError("auto_resume needs checkpoints: set save_every >= 1")
         if self.num_samplers < 1:
             raise ValueError(f"num_samplers={self.num_samplers} must be at least 1")
         if self.sample.num_batches_per_epoch % self.num_samplers:
@@ -163,6 +178,25 @@ class Config:
     @property
     def samples_per_epoch(self) -> int:
         return self.sample.batch_size * self.sample.num_batches_per_epoch
+
+    @classmethod
+    def from_dict(cls, data: dict) -> Config:
+        """The inverse of `dataclasses.asdict` after a JSON round trip (RUN_DIR/config.json)."""
+        nested = {"sample": SampleConfig, "train": TrainConfig, "stat_tracker": StatTrackerConfig}
+        known = {f.name: f for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - set(known))
+        if unknown:
+            raise ValueError(f"config has fields this version does not know: {unknown}")
+        values = {}
+        for name, value in data.items():
+            if name in nested:
+                value = nested[name](**value)
+            elif isinstance(value, list):
+                value = tuple(value)
+            elif name == "run_dir" and value is not None:
+                value = Path(value)
+            values[name] = value
+        return cls(**values)
 
 
 # ----- prompt sets -----

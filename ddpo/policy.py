@@ -115,6 +115,7 @@ class Policy:
         guidance_scale: float = 5.0,
         eta: float = 1.0,
         lora_rank: int = 4,
+        seed: int = 0,
     ):
         self.pipe = pipe
         self.unet = pipe.unet
@@ -124,10 +125,14 @@ class Policy:
         for module in (pipe.unet, pipe.vae, pipe.text_encoder):
             module.requires_grad_(False)
             module.eval()
-        # peft's default init makes B = 0, so the adapted model starts equal to the base model.
-        self.unet.add_adapter(
-            LoraConfig(r=lora_rank, lora_alpha=lora_rank, target_modules=LORA_TARGETS)
-        )
+        # peft's default init makes B = 0, so the adapted model starts equal to the base model;
+        # A is random, drawn here from `seed` (not the global RNG) so that runs are reproducible.
+        device = pipe.unet.device
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            torch.manual_seed(seed)
+            self.unet.add_adapter(
+                LoraConfig(r=lora_rank, lora_alpha=lora_rank, target_modules=LORA_TARGETS)
+            )
         # LoRA trains in fp32 even when the base model is fp16/bf16.
         for p in self.trainable_parameters():
             p.data = p.data.float()

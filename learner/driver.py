@@ -27,7 +27,9 @@ from actors.sampler import Sampler
 from ddpo.config import Config
 from ddpo.images import save_grid
 from ddpo.lora import save_lora
+from learner import checkpoint
 from learner.async_driver import run_async
+from learner.checkpoint import Checkpoint
 from learner.learner import Learner
 from learner.metrics import metrics_exporter
 from learner.report import TensorBoardWriter, grid_name, write_report
@@ -43,6 +45,23 @@ from rewards import (
 )
 
 log = logging.getLogger("learner.run")
+
+MAX_AUTO_RESUMES = 3
+
+
+class LearnerLost(RuntimeError):
+    """The learner actor died; the run can go on from its last checkpoint."""
+
+    def __init__(self, run_dir: Path, cause: BaseException):
+        super().__init__(
+            f"the learner actor was lost ({type(cause).__name__}); continue the run from its last "
+            f"checkpoint with: python -m learner.run --resume {run_dir}  (or pass --auto-resume "
+            "to have a new learner started from the checkpoint automatically)"
+        )
+
+
+class RewardBroken(RuntimeError):
+    """Too many batches in a row had non-finite or failed rewards."""
 
 
 def epoch_schedule(config: Config, epoch: int) -> tuple[list[str], np.ndarray]:
@@ -78,8 +97,14 @@ def format_record(record: dict) -> str:
 class Driver:
     """Creates the actors of a run and drives its sync epochs; every step is one named call."""
 
-    def __init__(self, config: Config, wiring: InProcess | OnRay | None = None):
+    def __init__(
+        self,
+        config: Config,
+        wiring: InProcess | OnRay | None = None,
+        resume: Checkpoint | None = None,
+    ):
         self.config = config
+        self.resume_from = resume  # restored when the run starts
         self.run_dir = Path(config.run_dir or "runs/run")
         self.run_dir.mkdir(parents=True, exist_ok=True)
         (self.run_dir / "config.json").write_text(
@@ -134,9 +159,15 @@ class Driver:
         }
         self._control_mtime = 0.0
         self.lost_batches = 0  # batches lost with a sampler and sampled again
-        self.learner = create(
+        self.bad_in_row = 0  # batches in a row with a non-finite or failed reward
+        self.history: list[dict] = []  # one record per epoch (sync) or update (async)
+        self.start_epoch = 0  # where the epoch loop starts (> 0 after a resume)
+        self.resumes = 0  # learners replaced from a checkpoint (--auto-resume)
+        self.restored: dict[str, Any] = {}  # the driver state of the checkpoint resumed from
+        self.make_learner = lambda: create(
             Learner, config, learner_threads, options=role_options("learner", gpu)
         )
+        self.learner = self.make_learner()
         self.tracker = PerPromptStatTracker(
             config.stat_tracker.buffer_size, config.stat_tracker.min_count
         )
@@ -147,13 +178,21 @@ class Driver:
         newest ref is kept (the previous version's object is freed once samplers drop it)."""
         w = self.wiring
         self.weights = w.call(self.learner, "weights", num_returns=2)  # (version, state) refs
+        version = self.from_learner(self.weights[0])
         sent = [self.send_weights(s) for s in self.samplers]
         for i, ref in enumerate(sent):
             try:
                 w.get(ref)
             except w.actor_errors:  # restarting: it gets the weights once it is back
                 self.wait_for_sampler(i)
-        return w.get(self.weights[0])
+        return version
+
+    def from_learner(self, ref: Any) -> Any:
+        """The result of a learner call; the learner's death becomes `LearnerLost`."""
+        try:
+            return self.wiring.get(ref)
+        except self.wiring.actor_errors as err:
+            raise LearnerLost(self.run_dir, err) from err
 
     def send_weights(self, sampler: Any) -> Any:
         version, state = self.weights
@@ -220,9 +259,10 @@ class Driver:
             bar.update(1)
             rewards, info = combine_rewards(self.terms, results)
             if not np.isfinite(rewards).all():
-                log.warning("epoch %d: dropping a batch with non-finite rewards %s", epoch, rewards)
+                self.bad_batch(f"epoch {epoch}", rewards, info)
                 out.dropped += 1
                 continue
+            self.bad_in_row = 0
             out.trajs.append(traj)
             out.prompts.extend(prompts)
             out.rewards.append(rewards)
@@ -234,14 +274,98 @@ class Driver:
             raise RuntimeError(f"epoch {epoch}: every batch had non-finite rewards; stopping")
         return out
 
+    def bad_batch(self, where: str, rewards: np.ndarray, info: dict) -> None:
+        """A batch with non-finite (or failed) rewards is dropped; many in a row stop the run."""
+        self.bad_in_row += 1
+        errors = {v for k, v in info.items() if k.endswith("/reward_error") and v}
+        reason = "; ".join(sorted(map(str, errors))) or f"non-finite rewards {rewards}"
+        log.warning("%s: dropping a batch (%s)", where, reason)
+        if self.bad_in_row >= self.config.max_bad_batches:
+            raise RewardBroken(
+                f"{self.bad_in_row} batches in a row had non-finite or failed rewards (last: "
+                f"{reason}); fix the reward model or service, then continue with: "
+                f"python -m learner.run --resume {self.run_dir}"
+            )
+
     def advantages(self, prompts: list[str], rewards: np.ndarray) -> np.ndarray:
         if self.config.stat_tracker.per_prompt:
             return self.tracker.update(prompts, rewards)
         return batch_advantages(rewards)
 
     def update(self, advantages: np.ndarray, rewards: np.ndarray, trajs: list) -> dict:
+        return self.from_learner(
+            self.wiring.call(self.learner, "update", advantages, rewards, *trajs)
+        )
+
+    # ----- checkpoints -----
+    def save_checkpoint(self, epoch: int, **driver_state: Any) -> Path | None:
+        """Checkpoint after `epoch` epochs (updates in async mode). A failed write (a full disk)
+        keeps the previous checkpoint, says so and lets the run go on; the next save retries."""
+        if not self.config.save_every:
+            return None
         w = self.wiring
-        return w.get(w.call(self.learner, "update", advantages, rewards, *trajs))
+        tensors, learner_state = self.from_learner(w.call(self.learner, "state", num_returns=2))
+        logs = {
+            n: (self.run_dir / n).stat().st_size
+            for n in ("samples.jsonl", "eval.jsonl")
+            if (self.run_dir / n).exists()
+        }
+        state = {
+            "learner": learner_state,
+            "driver": {
+                "tracker": self.tracker.state_dict(),
+                "lost_batches": self.lost_batches,
+                "logs": logs,  # bytes of each log at this point; a resume cuts what follows
+                **driver_state,
+            },
+            "config": dataclasses.asdict(self.config),
+        }
+        try:
+            path = checkpoint.save(
+                self.run_dir, epoch, tensors, state, self.history, self.config.keep_checkpoints
+            )
+        except OSError as err:
+            log.error("checkpoint %d not written (%s); the previous one is kept", epoch, err)
+            return None
+        log.info("checkpoint %s", path)
+        return path
+
+    def restore(self, ckpt: Checkpoint) -> None:
+        """Continue from `ckpt`: learner state, stat tracker, counters, and the run's logs cut back
+        to what they held when it was written (so no epoch appears twice)."""
+        w = self.wiring
+        version = self.from_learner(
+            w.call(self.learner, "load_state", ckpt.tensors, ckpt.state["learner"])
+        )
+        self.restored = ckpt.state["driver"]
+        self.tracker.load_state_dict(self.restored["tracker"])
+        self.lost_batches = self.restored["lost_batches"]
+        self.history = list(ckpt.metrics)
+        self.start_epoch = ckpt.epoch
+        with (self.run_dir / "metrics.jsonl").open("w") as f:
+            f.writelines(json.dumps(m) + "\n" for m in ckpt.metrics)
+        for name, size in self.restored["logs"].items():
+            with (self.run_dir / name).open("a") as f:
+                f.truncate(size)
+        log.info("resumed from %s: epoch %d, policy version %d", ckpt.path, ckpt.epoch, version)
+
+    def replace_learner(self, err: LearnerLost) -> None:
+        """--auto-resume: a new learner from the last checkpoint, or `err` if that is not on."""
+        if not self.config.auto_resume or self.resumes >= MAX_AUTO_RESUMES:
+            raise err
+        ckpt = checkpoint.latest(self.run_dir)
+        if ckpt is None:
+            raise err
+        self.resumes += 1
+        log.warning(
+            "%s; auto-resume %d of %d from %s",
+            err.__cause__ or err,
+            self.resumes,
+            MAX_AUTO_RESUMES,
+            ckpt.path,
+        )
+        self.learner = self.make_learner()
+        self.restore(ckpt)
 
     def grid(self, when: int | str) -> dict:
         """Image grid of the fixed prompts x seeds under the current weights, and their reward:
@@ -325,15 +449,44 @@ class Driver:
             if (self.run_dir / "metrics.jsonl").exists():
                 write_report(self.run_dir)
 
-    def _run(self) -> list[dict]:
-        config, history = self.config, []
-        self.publish()
+    def begin(self) -> int:
+        """Restore the checkpoint to resume from, or start fresh: the start grid, checkpoint 0
+        (so that even the first epochs can be resumed). Publishes the weights; returns the
+        version."""
+        if self.resume_from is not None:
+            self.restore(self.resume_from)
+            return self.publish()
+        version = self.publish()
         self.grid("start")
+        self.save_checkpoint(0)
+        return version
+
+    def finish(self) -> None:
+        """The trained LoRA (diffusers format) and the end grid."""
+        self.publish()
+        _, state = self.wiring.call(self.learner, "weights", num_returns=2)
+        save_lora(self.wiring.get(state), self.run_dir / "lora")
+        self.grid("end")
+
+    def _run(self) -> list[dict]:
+        self.begin()
+        while True:
+            try:
+                self._epochs()
+                break
+            except LearnerLost as err:
+                self.replace_learner(err)  # raises unless --auto-resume
+                self.publish()
+        self.finish()
+        return self.history
+
+    def _epochs(self) -> None:
+        config = self.config
         with (
             (self.run_dir / "metrics.jsonl").open("a") as metrics_file,
             (self.run_dir / "samples.jsonl").open("a") as samples_file,
         ):
-            for epoch in range(config.epochs):
+            for epoch in range(self.start_epoch, config.epochs):
                 start = time.time()
                 self.resize_rewards()
                 version = self.publish()
@@ -370,17 +523,18 @@ class Driver:
                     for name, parts in got.per_term.items():
                         record[f"reward/{name}/mean"] = float(np.concatenate(parts).mean())
                         record[f"reward/{name}/std"] = float(np.concatenate(parts).std())
-                history.append(record)
+                self.history.append(record)
                 self.log(record, metrics_file)
                 if config.grid_every and (epoch + 1) % config.grid_every == 0:
                     self.grid(epoch + 1)
                 samples_file.flush()
+                if self.checkpoint_due(epoch + 1):
+                    self.save_checkpoint(epoch + 1)
 
-        self.publish()
-        _, state = self.wiring.call(self.learner, "weights", num_returns=2)
-        save_lora(self.wiring.get(state), self.run_dir / "lora")
-        self.grid("end")
-        return history
+    def checkpoint_due(self, done: int) -> bool:
+        """After `done` epochs/updates: every save_every, and at the end."""
+        every = self.config.save_every
+        return bool(every) and (done % every == 0 or done == self.config.epochs)
 
 
 @dataclass
@@ -394,6 +548,9 @@ class Epoch:
     dropped: int = 0
 
 
-def train(config: Config, wiring: InProcess | OnRay | None = None) -> list[dict]:
-    """Run `config.epochs` sync DDPO epochs; return the per-epoch metrics."""
-    return Driver(config, wiring).run()
+def train(
+    config: Config, wiring: InProcess | OnRay | None = None, resume: Checkpoint | None = None
+) -> list[dict]:
+    """Run `config.epochs` DDPO epochs (from `resume` if given); return the per-epoch metrics,
+    those before the checkpoint included."""
+    return Driver(config, wiring, resume).run()

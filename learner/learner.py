@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections import defaultdict
+from typing import Any
 
 import numpy as np
 import torch
@@ -10,7 +11,7 @@ import torch
 from ddpo.config import Config
 from ddpo.policy import Policy, load_pipeline
 from ddpo.trajectory import Trajectory
-from learner import losses
+from learner import checkpoint, losses
 
 
 class Learner:
@@ -28,6 +29,7 @@ class Learner:
             guidance_scale=config.sample.guidance_scale,
             eta=config.sample.eta,
             lora_rank=cfg.lora_rank,
+            seed=config.seed,
         )
         self.optimizer = torch.optim.AdamW(
             self.policy.trainable_parameters(),
@@ -43,6 +45,30 @@ class Learner:
     def weights(self) -> tuple[int, dict[str, torch.Tensor]]:
         """(policy version, CPU LoRA state dict): what gets published to samplers."""
         return self.version, self.policy.lora_state_dict()
+
+    def state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """Everything needed to go on training exactly: (tensors, JSON-able state) for a
+        checkpoint: LoRA weights, AdamW moments, the minibatch RNG, version, trained batch ids."""
+        optim_tensors, optim_meta = checkpoint.optimizer_state(self.optimizer)
+        tensors = {f"lora.{k}": v for k, v in self.policy.lora_state_dict().items()}
+        tensors |= {k: v.detach().clone() for k, v in optim_tensors.items()}
+        tensors["rng.generator"] = self.generator.get_state()
+        meta = {
+            "version": self.version,
+            "optimizer": optim_meta,
+            "trained_batches": sorted(self.trained_batches),
+        }
+        return tensors, meta
+
+    def load_state(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> int:
+        """Restore what `state` returned; returns the policy version."""
+        lora = {k.removeprefix("lora."): v for k, v in tensors.items() if k.startswith("lora.")}
+        self.policy.load_lora_state_dict(lora)
+        checkpoint.load_optimizer_state(self.optimizer, tensors, meta["optimizer"])
+        self.generator.set_state(tensors["rng.generator"])
+        self.version = int(meta["version"])
+        self.trained_batches = set(meta["trained_batches"])
+        return self.version
 
     def update(
         self, advantages: np.ndarray, rewards: np.ndarray, *batches: Trajectory

@@ -22,7 +22,9 @@ from typing import Literal
 import tyro
 
 from ddpo.config import Config, read_prompt_file, task_config
-from learner.driver import Driver, train  # noqa: F401  (Driver: the API next to the CLI)
+from learner import checkpoint
+from learner.checkpoint import Checkpoint
+from learner.driver import Driver, LearnerLost, RewardBroken, train  # noqa: F401  (API)
 from learner.wiring import InProcess
 
 log = logging.getLogger("learner.run")
@@ -75,6 +77,22 @@ class Args:
     """Save an image grid of fixed prompts and seeds every N epochs (0: start and end only)."""
     tensorboard: bool = False
     """Also log to RUN_DIR/tensorboard (needs the tensorboard package)."""
+    save_every: int | None = None
+    """Checkpoint every N epochs and at the end (default 5; 0 turns checkpoints off)."""
+    keep_checkpoints: int | None = None
+    """Checkpoints to keep in RUN_DIR/checkpoints (default 3, the newest)."""
+    resume: Path | None = None
+    """Continue the run in this directory from its newest intact checkpoint, with its settings
+    (--epochs may extend it)."""
+    auto_resume: bool = False
+    """If the learner is lost, start a new one from the last checkpoint instead of stopping."""
+
+
+RESUME_FLAGS = {
+    "resume", "epochs", "address", "in_process", "metrics_port", "metrics_host", "grid_every",
+    "tensorboard", "save_every", "keep_checkpoints", "auto_resume",
+}  # fmt: skip
+"""What --resume may change; everything else comes from the run's checkpoint."""
 
 
 def build_config(args: Args) -> Config:
@@ -104,18 +122,58 @@ def build_config(args: Args) -> Config:
         grid_every=args.grid_every,
         tensorboard=args.tensorboard,
         train=train,
+        **run_options(args),
     )
+
+
+def run_options(args: Args) -> dict:
+    """The Config fields that a fresh run and a resumed one both take from the command line."""
+    options = {"auto_resume": args.auto_resume}
+    if args.save_every is not None:
+        options["save_every"] = args.save_every
+    if args.keep_checkpoints is not None:
+        options["keep_checkpoints"] = args.keep_checkpoints
+    return options
+
+
+def resume_config(args: Args) -> tuple[Config, Checkpoint]:
+    """--resume RUN_DIR: the run's config from its newest intact checkpoint, and that checkpoint."""
+    run_dir = Path(args.resume or ".")
+    if not run_dir.is_dir():
+        raise ValueError(f"--resume {run_dir}: no such directory; give a run directory")
+    fixed = [f.name for f in dataclasses.fields(Args) if f.name not in RESUME_FLAGS]
+    changed = [n for n in fixed if getattr(args, n) != getattr(Args(), n)]
+    changed = [n for n in changed if not (n == "run_dir" and args.run_dir == run_dir)]
+    if changed:
+        flags = ", ".join("--" + n.replace("_", "-") for n in changed)
+        raise ValueError(f"--resume takes the run's settings from its checkpoint; drop {flags}")
+    ckpt = checkpoint.latest(run_dir)
+    if ckpt is None:
+        raise ValueError(
+            f"--resume {run_dir}: no intact checkpoint in {checkpoint.checkpoint_dir(run_dir)}; "
+            "nothing to resume (start the run again without --resume)"
+        )
+    config = Config.from_dict(ckpt.state["config"])
+    changes = dict(run_dir=run_dir, address=args.address, grid_every=args.grid_every)
+    changes |= dict(metrics_port=args.metrics_port, metrics_host=args.metrics_host)
+    changes |= dict(tensorboard=args.tensorboard or config.tensorboard, **run_options(args))
+    if args.epochs is not None:
+        changes["epochs"] = args.epochs
+    return dataclasses.replace(config, **changes), ckpt
 
 
 def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     args = tyro.cli(Args, args=argv)
     try:
-        config = build_config(args)
+        config, ckpt = resume_config(args) if args.resume else (build_config(args), None)
     except ValueError as err:
         sys.exit(f"error: {err}")
     start = time.time()
-    history = train(config, InProcess() if args.in_process else None)
+    try:
+        history = train(config, InProcess() if args.in_process else None, ckpt)
+    except (LearnerLost, RewardBroken) as err:
+        sys.exit(f"error: {err}")
     if history:
         first, last = history[0], history[-1]
         print(
