@@ -6,12 +6,18 @@ name))` where it creates the actors. With `max_concurrency > 1` (a threaded acto
 arrive while the model is busy are coalesced into one model call of up to `max_batch_images`, so
 a GPU reward model sees large batches even when samplers send small ones.
 
+A call that fails for this batch's result rather than through a bug (the reward service gave no
+answer after its retries, or the reward returned the wrong number of rewards) answers NaN
+rewards with `info["reward_error"]`: the driver drops and counts the batch and the run goes on.
+Anything else (images of the wrong shape, an error in the reward's code) raises.
+
     worker = RewardWorker("aesthetic", {"clip_model": "tiny", "mlp_path": "tiny"})
     rewards, info = worker.score({"images": uint8 [N, H, W, 3], "prompts": [N], "batch_id": "0-3"})
 """
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from dataclasses import dataclass, field
@@ -21,6 +27,9 @@ import numpy as np
 
 from actors.metrics import ray_actor_metrics
 from rewards import RewardFn, make_reward, parse_reward_spec
+from rewards.client import RewardUnavailable
+
+log = logging.getLogger("actors.reward")
 
 GPU_PER_ACTOR = {"aesthetic": 0.25, "alignment": 1.0}
 """GPU share per reward actor on a GPU cluster. Aesthetic: CLIP ViT-L/14 (428M params, 1.7 GB
@@ -32,13 +41,26 @@ ROLE_RESOURCE_PER_ACTOR = 0.001
 it may go (nodes of its type); the GPU share says how many fit on one."""
 
 
+RESTARTS = 3
+"""How often Ray restarts a lost reward actor, and re-sends a score call lost with it."""
+
+
 def reward_actor_options(
     name: str, gpu: bool = False, role_resource: bool = True, max_concurrency: int = 4
 ) -> dict[str, Any]:
     """Ray options for one actor of reward `name` (one term of a spec): CPU, GPU share, role
     resource `reward_<name>` (the local `ray.init` must declare it, see `local_role_resources`)
     and a thread pool so that concurrent calls can be batched."""
-    options: dict[str, Any] = {"num_cpus": 1, "max_concurrency": max_concurrency}
+    options: dict[str, Any] = {
+        "num_cpus": 1,
+        "max_concurrency": max_concurrency,
+        # A reward actor that dies (OOM, node lost) restarts, and Ray sends the score calls that
+        # were in flight on it again: scoring is idempotent (no state but counters), so a retried
+        # call gives the same rewards and the driver never loses a batch to a reward actor.
+        # Exceptions raised by `score` are not retried (retry_exceptions stays off).
+        "max_restarts": RESTARTS,
+        "max_task_retries": RESTARTS,
+    }
     if gpu and name in GPU_PER_ACTOR:
         options["num_gpus"] = GPU_PER_ACTOR[name]
     if role_resource:
@@ -60,13 +82,18 @@ class _Request:
     error: BaseException | None = None
 
 
+class WrongRewardCount(ValueError):
+    """The reward returned a number of rewards other than one per image."""
+
+
 class RewardWorker:
     """Scores `{"images", "prompts", "batch_id"}` batches with one reward.
 
     name: a reward spec (`rewards.REWARDS`, or a weighted sum computed in this process);
     options: reward factory options ({"clip_model": ..., "mlp_path": ...}; `"tiny": True` for
     the tiny models); url: score through a reward service (`python -m rewards.serve`) instead of
-    a local model, with the token from `token_file` or $DDPO_REWARD_TOKEN.
+    a local model, with the token from `token_file` or $DDPO_REWARD_TOKEN and `remote_options`
+    for `rewards.client.RemoteReward` (timeout, retries, backoff, max_backoff).
     """
 
     def __init__(
@@ -77,6 +104,7 @@ class RewardWorker:
         token_file: str | None = None,
         max_batch_images: int = 64,
         threads: int | None = None,
+        remote_options: dict[str, Any] | None = None,
     ):
         if threads:
             import torch
@@ -85,9 +113,11 @@ class RewardWorker:
         self.name = name
         self.fn: RewardFn
         if url:
-            from rewards.serve import RemoteReward, read_token
+            from rewards.client import RemoteReward
+            from rewards.serve import read_token
 
-            self.fn = RemoteReward(url, read_token(token_file, required=False))
+            token = read_token(token_file, required=False)
+            self.fn = RemoteReward(url, token, **(remote_options or {}))
         else:
             options = dict(options or {})
             self.fn = make_reward(name, tiny=bool(options.pop("tiny", False)), **options)
@@ -95,19 +125,32 @@ class RewardWorker:
         self._pending: list[_Request] = []
         self._pending_lock = threading.Lock()
         self._model_lock = threading.Lock()  # one model call at a time
-        self._stats = {"calls": 0, "model_calls": 0, "images": 0, "busy_seconds": 0.0}
+        self._stats = {
+            "calls": 0,
+            "failed_calls": 0,  # answered NaN rewards with info["reward_error"]
+            "model_calls": 0,
+            "images": 0,
+            "busy_seconds": 0.0,
+        }
         self._started = time.monotonic()
         self.metrics = ray_actor_metrics()
 
     def score(self, batch: dict) -> tuple[np.ndarray, dict]:
         """batch: {"images": uint8 [N, H, W, 3], "prompts": [N], "batch_id"} -> (rewards [N], info).
 
-        info holds one value per image (lists or [N] arrays), plus "batch_id"."""
+        info holds one value per image (lists or [N] arrays), plus "batch_id"; or, when the reward
+        failed for this batch, rewards all NaN and info {"reward_error": "why", "batch_id"}."""
         images, prompts = batch["images"], list(batch["prompts"])
-        if not isinstance(images, np.ndarray) or images.ndim != 4 or len(images) != len(prompts):
+        if (
+            not isinstance(images, np.ndarray)
+            or images.dtype != np.uint8
+            or images.ndim != 4
+            or images.shape[-1] != 3
+            or len(images) != len(prompts)
+        ):
             raise ValueError(
                 f"reward {self.name}: images must be uint8 [N, H, W, 3] with one prompt each, got "
-                f"{getattr(images, 'shape', type(images).__name__)} and {len(prompts)} prompts"
+                f"{_describe(images)} and {len(prompts)} prompts"
             )
         request = _Request(images, prompts)
         start = time.perf_counter()
@@ -153,7 +196,7 @@ class RewardWorker:
             rewards, info = self.fn(images, prompts)
             rewards = np.asarray(rewards, dtype=np.float32)
             if rewards.shape != (len(prompts),):
-                raise ValueError(
+                raise WrongRewardCount(
                     f"reward {self.name} returned shape {rewards.shape} for {len(prompts)} images"
                 )
             offset = 0
@@ -162,6 +205,8 @@ class RewardWorker:
                 part = {k: _slice(v, offset, offset + n, len(prompts)) for k, v in info.items()}
                 r.result = (rewards[offset : offset + n], part)
                 offset += n
+        except (RewardUnavailable, WrongRewardCount) as err:  # this batch's result, not a bug
+            self._fail(requests, f"{type(err).__name__}: {err}")
         except Exception as err:  # every waiting caller sees the model's error
             for r in requests:
                 r.error = err
@@ -172,11 +217,26 @@ class RewardWorker:
             for r in requests:
                 r.done.set()
 
+    def _fail(self, requests: list[_Request], message: str) -> None:
+        """Answer every request of a failed model call with NaN rewards and the reason."""
+        message = " ".join(message.split())  # one line, for the driver's log
+        log.warning("reward %s: NaN rewards for %d calls: %s", self.name, len(requests), message)
+        for r in requests:
+            r.result = (np.full(len(r.images), np.nan, np.float32), {"reward_error": message})
+        self._stats["failed_calls"] += len(requests)
+
     def stats(self) -> dict[str, float]:
-        """Counters for the metrics: calls, model calls, images, busy seconds and fraction."""
+        """Counters for the metrics: calls, failed calls (answered NaN), model calls, images,
+        busy seconds and fraction."""
         stats = dict(self._stats)
         stats["busy_fraction"] = stats["busy_seconds"] / max(time.monotonic() - self._started, 1e-9)
         return {f"reward/{self.name}/{k}": v for k, v in stats.items()}
+
+
+def _describe(images: Any) -> str:
+    if isinstance(images, np.ndarray):
+        return f"{images.dtype} {list(images.shape)}"
+    return type(images).__name__
 
 
 def _slice(value: Any, start: int, stop: int, n: int) -> Any:

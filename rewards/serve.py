@@ -5,8 +5,9 @@ r"""Serve a reward over HTTP with msgpack, for reward models hosted outside the 
         --reward-model clip=openai/clip-vit-large-patch14 mlp=sac+logos+ava1-l14-linearMSE.pth
     curl -f http://127.0.0.1:8085/health        # 200 once the model is loaded (msgpack body)
 
-and in Python `score_remote("http://127.0.0.1:8085", images, prompts, token)`, or a reward actor
-with `RewardWorker("aesthetic", url="http://127.0.0.1:8085")`.
+and in Python `rewards.client.score_remote("http://127.0.0.1:8085", images, prompts, token)`, or a
+reward actor with `RewardWorker("aesthetic", url="http://127.0.0.1:8085")`; the client retries
+timeouts, lost connections and 5xx answers with backoff (see rewards/client.py).
 
 Protocol: POST /score with `Authorization: Bearer <token>` and `Content-Type: application/msgpack`
   request   {"images": [JPEG or PNG bytes, ...], "prompts": [str, ...], "batch_id": str | int}
@@ -28,8 +29,6 @@ import logging
 import os
 import sys
 import threading
-import urllib.error
-import urllib.request
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -66,14 +65,6 @@ class RequestError(Exception):
         self.status = status
 
 
-class RewardServiceError(RuntimeError):
-    """The service answered with an error status; `.status` holds it."""
-
-    def __init__(self, status: int, message: str):
-        super().__init__(f"reward service answered {status}: {message}")
-        self.status = status
-
-
 def read_token(token_file: str | Path | None = None, required: bool = True) -> str | None:
     """The bearer token from `token_file`, else from $DDPO_REWARD_TOKEN."""
     if token_file:
@@ -104,14 +95,15 @@ def encode_images(images: np.ndarray, image_format: str = "PNG", quality: int = 
     return out
 
 
-def _refuse_ext(code: int, data: bytes) -> None:
+def refuse_ext(code: int, data: bytes) -> None:
+    """msgpack `ext_hook`: extension types are refused, so only plain values ever travel."""
     raise ValueError(f"msgpack extension type {code} is not accepted")
 
 
 def parse_request(body: bytes, limits: Limits) -> tuple[np.ndarray, list[str], Any]:
     """A request body -> (images uint8 [N, H, W, 3], prompts, batch_id); RequestError if bad."""
     try:
-        msg = msgpack.unpackb(body, raw=False, strict_map_key=True, ext_hook=_refuse_ext)
+        msg = msgpack.unpackb(body, raw=False, strict_map_key=True, ext_hook=refuse_ext)
     except Exception as err:
         raise RequestError(400, f"the body is not valid msgpack ({err})") from err
     if not isinstance(msg, dict) or not {"images", "prompts"} <= msg.keys():
@@ -306,77 +298,6 @@ def make_server(
 ) -> RewardServer:
     """A server for `reward_fn` on (host, port) (port 0: a free one); call .serve_forever()."""
     return RewardServer((host, port), reward_fn, reward_name, token, limits)
-
-
-# ----- client -----
-_opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # never via $http_proxy
-
-
-def _post(url: str, body: bytes, token: str | None, timeout: float) -> dict:
-    headers = {"Content-Type": CONTENT_TYPES[0]}
-    if token:
-        headers["Authorization"] = f"Bearer {token}"
-    request = urllib.request.Request(url, data=body, headers=headers, method="POST")
-    try:
-        with _opener.open(request, timeout=timeout) as response:
-            return msgpack.unpackb(response.read(), raw=False, ext_hook=_refuse_ext)
-    except urllib.error.HTTPError as err:
-        try:
-            message = msgpack.unpackb(err.read(), raw=False, ext_hook=_refuse_ext)["error"]
-        except Exception:
-            message = err.reason
-        raise RewardServiceError(err.code, str(message)) from None
-
-
-def score_remote(
-    url: str,
-    images: np.ndarray,
-    prompts: list[str],
-    token: str | None = None,
-    image_format: str = "PNG",
-    timeout: float = 600.0,
-    batch_id: str | int | None = None,
-) -> tuple[np.ndarray, dict]:
-    """Score uint8 [N, H, W, 3] images on a reward service: (rewards float32 [N], info).
-    PNG is lossless, so a remote reward sees the same pixels as a local one."""
-    message = {"images": encode_images(images, image_format), "prompts": list(prompts)}
-    if batch_id is not None:
-        message["batch_id"] = batch_id
-    reply = _post(
-        url.rstrip("/") + "/score", msgpack.packb(message, use_bin_type=True), token, timeout
-    )
-    info = {
-        k: np.asarray(v) if v and all(isinstance(x, int | float) for x in v) else v
-        for k, v in reply["info"].items()
-    }
-    return np.asarray(reply["rewards"], np.float32), info
-
-
-def health(url: str, timeout: float = 10.0) -> dict:
-    """GET /health -> {"status": "ok", "reward": name}."""
-    with _opener.open(url.rstrip("/") + "/health", timeout=timeout) as response:
-        return msgpack.unpackb(response.read(), raw=False, ext_hook=_refuse_ext)
-
-
-class RemoteReward:
-    """A reward function backed by a reward service; requests of at most `max_images` each."""
-
-    def __init__(self, url: str, token: str | None, max_images: int = Limits.max_images):
-        self.url, self.token, self.max_images = url, token, max_images
-
-    def __call__(self, images: np.ndarray, prompts: list[str]) -> tuple[np.ndarray, dict]:
-        from rewards import concat_infos
-
-        parts = [
-            score_remote(
-                self.url,
-                images[i : i + self.max_images],
-                prompts[i : i + self.max_images],
-                self.token,
-            )
-            for i in range(0, len(images), self.max_images)
-        ]
-        return np.concatenate([r for r, _ in parts]), concat_infos([info for _, info in parts])
 
 
 # ----- CLI -----

@@ -16,15 +16,8 @@ from PIL import Image
 
 from actors.reward import RewardWorker
 from rewards import make_reward
-from rewards.serve import (
-    Limits,
-    RemoteReward,
-    RewardServiceError,
-    encode_images,
-    health,
-    make_server,
-    score_remote,
-)
+from rewards.client import RemoteReward, RewardServiceError, health, score_remote
+from rewards.serve import Limits, encode_images, make_server
 
 TOKEN = "test-token-0123456789"
 LIMITS = Limits(max_body_bytes=200_000, max_images=4, max_image_pixels=64 * 64, max_prompt_chars=50)

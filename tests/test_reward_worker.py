@@ -87,22 +87,55 @@ def worker_request(b):
 
 def test_errors_reach_the_caller():
     worker = RewardWorker("jpeg_compressibility")
-    worker.fn = lambda images, prompts: (np.zeros(len(images) + 1), {})
-    with pytest.raises(ValueError, match=r"returned shape \(4,\) for 3 images"):
-        worker.score(batch(3))
-    with pytest.raises(ValueError, match="one prompt each"):
-        worker.score({"images": batch(3)["images"], "prompts": ["a"], "batch_id": 0})
+    images = batch(3)["images"]
+    with pytest.raises(ValueError, match=r"one prompt each, got uint8 \[3, 16, 16, 3\] and 1"):
+        worker.score({"images": images, "prompts": ["a"], "batch_id": 0})
+    for bad in (images.astype(np.float32), images[..., :1], images[0]):  # dtype, channels, ndim
+        with pytest.raises(ValueError, match="must be uint8 \\[N, H, W, 3\\]"):
+            worker.score({"images": bad, "prompts": ["a", "b", "c"], "batch_id": 0})
     worker.fn = lambda images, prompts: 1 / 0
     with pytest.raises(ZeroDivisionError):
         worker.score(batch(1))
     assert worker._pending == []  # nothing left queued after errors
+    assert worker.stats()["reward/jpeg_compressibility/failed_calls"] == 0  # bugs raise
+
+
+def test_a_wrong_count_answers_nan_to_every_coalesced_call():
+    worker = RewardWorker("jpeg_compressibility", max_batch_images=8)
+    fake = RecordingReward(worker, wait_for=2)
+    worker.fn = lambda images, prompts: (fake(images, prompts)[0][:-1], {})  # one reward short
+    results = [None] * 3
+
+    def call(i):
+        results[i] = worker.score(batch(2, seed=i))
+
+    threads = [threading.Thread(target=call, args=(0,))]
+    threads[0].start()
+    while not fake.calls and not worker._model_lock.locked():
+        time.sleep(0.005)
+    threads += [threading.Thread(target=call, args=(i,)) for i in (1, 2)]
+    for t in threads[1:]:
+        t.start()
+    for t in threads:
+        t.join(timeout=30)
+    assert fake.calls == [2, 4]  # the first call alone, the two that queued behind it together
+    for i, (rewards, info) in enumerate(results):
+        assert rewards.shape == (2,) and np.isnan(rewards).all()
+        assert "returned shape" in info["reward_error"] and info["batch_id"] == f"b{i}"
+    assert worker.stats()["reward/jpeg_compressibility/failed_calls"] == 3
 
 
 def test_actor_options():
+    restarts = {"max_restarts": 3, "max_task_retries": 3}  # a lost score call is sent again
     cpu = reward_actor_options("aesthetic")
-    assert cpu == {"num_cpus": 1, "max_concurrency": 4, "resources": {"reward_aesthetic": 0.001}}
+    assert cpu == {
+        "num_cpus": 1,
+        "max_concurrency": 4,
+        "resources": {"reward_aesthetic": 0.001},
+        **restarts,
+    }
     gpu = reward_actor_options("alignment", gpu=True, role_resource=False)
-    assert gpu == {"num_cpus": 1, "max_concurrency": 4, "num_gpus": 1.0}
+    assert gpu == {"num_cpus": 1, "max_concurrency": 4, "num_gpus": 1.0, **restarts}
     assert local_role_resources("aesthetic+0.5*alignment") == {
         "reward_aesthetic": 1.0,
         "reward_alignment": 1.0,
