@@ -134,6 +134,8 @@ class Config:
     """If the learner is lost, start a new one from the last checkpoint instead of stopping."""
     max_bad_batches: int = 10
     """Stop the run when this many batches in a row had a non-finite (or failed) reward."""
+    restart_wait_s: float = 600.0
+    """How long to wait for a lost sampler to restart (on a node with room) before stopping."""
     grid_prompts: int = 4
     """Fixed prompts (the first of the set) in the image grids and evaluations."""
     grid_seeds: int = 4

@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from ddpo.config import Config
-from ddpo.lora import save_lora
+from learner.errors import LearnerLost
 from rewards import combine_rewards, sample_records
 
 
@@ -63,8 +63,8 @@ def run_async(driver: Any) -> list[dict]:
     config: Config = driver.config
     ray = driver.wiring.ray
     nb, k_max = config.sample.num_batches_per_epoch, config.max_staleness
-    version = driver.publish()
-    driver.grid("start")
+    version = driver.begin()
+    history = driver.history  # the updates so far (those before a checkpoint resumed from)
 
     pending: dict[Any, Pending] = {}  # keyed by the ref that says the batch is scored
     inflight = [0] * len(driver.samplers)
@@ -72,14 +72,32 @@ def run_async(driver: Any) -> list[dict]:
     totals: Counter[str] = Counter()
     interval: Counter[str] = Counter()  # since the last update
     busy = {"sampler": 0.0, "learner": 0.0}
-    history: list[dict] = []
     update_ref, update_batches, update_started = None, [], 0.0
     n_next, start = 0, time.time()
+    retry: list[tuple[list[str], np.ndarray]] = []  # batches lost with a sampler, to resample
+
+    def restore() -> None:
+        """Go on from the checkpoint the driver restored: its counters and batch cursor. What was
+        queued or in flight is let go; the checkpoint counted its queue as unused."""
+        nonlocal ready, n_next, start, history, update_ref, version
+        state = driver.restored
+        totals.clear()
+        totals.update(state.get("totals", {}))
+        n_next = state.get("next_batch", 0)
+        retry[:] = [(p, np.asarray(s, np.int64)) for p, s in state.get("retry", [])]
+        history = driver.history
+        start = time.time() - (history[-1]["wall_seconds"] if history else 0.0)
+        ready, update_ref = [], None
+        pending.clear()
+        inflight[:] = [0] * len(inflight)
+        interval.clear()
+        version = driver.publish()
+
+    if driver.restored:
+        restore()
 
     metrics_file = (driver.run_dir / "metrics.jsonl").open("a")
     samples_file = (driver.run_dir / "samples.jsonl").open("a")
-
-    retry: list[tuple[list[str], np.ndarray]] = []  # batches lost with a sampler, to resample
 
     def submit(i: int) -> None:
         nonlocal n_next
@@ -115,7 +133,9 @@ def run_async(driver: Any) -> list[dict]:
         if not np.isfinite(rewards).all():
             totals["batches_dropped_nonfinite"] += 1
             interval["batches_dropped_nonfinite"] += 1
+            driver.bad_batch(f"batch {meta['batch_id']}", rewards, info)
             return
+        driver.bad_in_row = 0
         for record in sample_records(p.prompts, rewards, info):
             samples_file.write(json.dumps({"batch_id": meta["batch_id"], **record}, default=float))
             samples_file.write("\n")
@@ -144,7 +164,7 @@ def run_async(driver: Any) -> list[dict]:
 
     def finish_update() -> None:
         nonlocal update_ref, version
-        update = ray.get(update_ref)
+        update = driver.from_learner(update_ref)
         update_ref = None
         busy["learner"] += time.time() - update_started
         totals["batches_trained"] += len(update_batches)
@@ -184,8 +204,22 @@ def run_async(driver: Any) -> list[dict]:
         drop_stale()
         if config.grid_every and len(history) % config.grid_every == 0:
             driver.grid(len(history))
+        if driver.checkpoint_due(len(history)):
+            save_checkpoint()
 
-    try:
+    def save_checkpoint() -> None:
+        samples_file.flush()
+        # A resume starts with an empty queue: count what is queued now as unused.
+        saved = totals + Counter({"batches_unused": len(ready)})
+        driver.save_checkpoint(
+            len(history),
+            totals=dict(saved),
+            next_batch=n_next,
+            retry=[(p, s.tolist()) for p, s in retry],
+        )
+
+    def loop() -> None:
+        nonlocal ready
         while len(history) < config.epochs:
             driver.resize_rewards()
             for i in range(len(driver.samplers)):
@@ -207,6 +241,18 @@ def run_async(driver: Any) -> list[dict]:
                 interval["batches_dropped_stale"] += overflow
             if update_ref is None and len(ready) >= nb and len(history) < config.epochs:
                 start_update()
+
+    try:
+        while True:
+            try:
+                loop()
+                break
+            except LearnerLost as err:
+                samples_file.flush()  # the restore cuts the logs back to the checkpoint
+                metrics_file.close()
+                driver.replace_learner(err)  # raises unless --auto-resume
+                restore()
+                metrics_file = (driver.run_dir / "metrics.jsonl").open("a")
         # Account for what is still in flight: sampled, never trained.
         for p in list(pending.values()):
             receive(p)
@@ -217,8 +263,5 @@ def run_async(driver: Any) -> list[dict]:
         samples_file.close()
     (driver.run_dir / "accounting.json").write_text(json.dumps(dict(totals), indent=2) + "\n")
 
-    driver.publish()
-    _, state = driver.wiring.call(driver.learner, "weights", num_returns=2)
-    save_lora(driver.wiring.get(state), driver.run_dir / "lora")
-    driver.grid("end")
+    driver.finish()
     return history

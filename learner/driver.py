@@ -27,9 +27,11 @@ from actors.sampler import Sampler
 from ddpo.config import Config
 from ddpo.images import save_grid
 from ddpo.lora import save_lora
+from ddpo.policy import resolve_model
 from learner import checkpoint
 from learner.async_driver import run_async
 from learner.checkpoint import Checkpoint
+from learner.errors import LearnerLost, RewardBroken
 from learner.learner import Learner
 from learner.metrics import metrics_exporter
 from learner.report import TensorBoardWriter, grid_name, write_report
@@ -47,21 +49,6 @@ from rewards import (
 log = logging.getLogger("learner.run")
 
 MAX_AUTO_RESUMES = 3
-
-
-class LearnerLost(RuntimeError):
-    """The learner actor died; the run can go on from its last checkpoint."""
-
-    def __init__(self, run_dir: Path, cause: BaseException):
-        super().__init__(
-            f"the learner actor was lost ({type(cause).__name__}); continue the run from its last "
-            f"checkpoint with: python -m learner.run --resume {run_dir}  (or pass --auto-resume "
-            "to have a new learner started from the checkpoint automatically)"
-        )
-
-
-class RewardBroken(RuntimeError):
-    """Too many batches in a row had non-finite or failed rewards."""
 
 
 def epoch_schedule(config: Config, epoch: int) -> tuple[list[str], np.ndarray]:
@@ -94,6 +81,18 @@ def format_record(record: dict) -> str:
     return "  ".join(parts)
 
 
+class BatchesLost(Exception):
+    """Trajectories of an epoch were lost with a node before the learner read them."""
+
+    def __init__(self, batches: int):
+        super().__init__(f"{batches} batches")
+        self.batches = batches
+
+
+class EmptyEpoch(Exception):
+    """Every batch of an epoch was dropped (bad rewards); `Driver.bad_batch` bounds how often."""
+
+
 class Driver:
     """Creates the actors of a run and drives its sync epochs; every step is one named call."""
 
@@ -106,6 +105,7 @@ class Driver:
         self.config = config
         self.resume_from = resume  # restored when the run starts
         self.run_dir = Path(config.run_dir or "runs/run")
+        resolve_model(config.model)  # a bad --model stops here, before anything is written
         self.run_dir.mkdir(parents=True, exist_ok=True)
         (self.run_dir / "config.json").write_text(
             json.dumps(dataclasses.asdict(config), indent=2, default=str)
@@ -213,14 +213,33 @@ class Driver:
         self.wait_for_sampler(i)
 
     def wait_for_sampler(self, i: int) -> None:
-        """Re-send the newest weights to sampler i until it answers (it may be restarting)."""
-        for attempt in range(60):
+        """Re-send the newest weights to sampler i until it answers: Ray restarts it (at most
+        SAMPLER_RESTARTS times), on another node if its own is gone and another has room. Waits
+        at most `config.restart_wait_s`, saying every half minute what it waits for."""
+        start = last_note = time.monotonic()
+        while True:
             try:
                 self.wiring.get(self.send_weights(self.samplers[i]))
                 return
-            except self.wiring.actor_errors:
-                time.sleep(min(0.5 * 2**attempt, 5.0))  # restarting (bounded by max_restarts)
-        raise RuntimeError(f"sampler {i} did not come back after {SAMPLER_RESTARTS} restarts")
+            except self.wiring.actor_errors as err:
+                waited = time.monotonic() - start
+                if waited > self.config.restart_wait_s:
+                    raise RuntimeError(
+                        f"sampler {i} did not come back within {self.config.restart_wait_s:.0f}s "
+                        f"({type(err).__name__}): it restarts at most {SAMPLER_RESTARTS} times, "
+                        "and only on a node with a free `sampler` resource and CPU/GPU; add such "
+                        f"a node, then continue with: python -m learner.run --resume {self.run_dir}"
+                    ) from err
+                if time.monotonic() - last_note > 30:
+                    last_note = time.monotonic()
+                    log.warning(
+                        "waiting for sampler %d to restart (%.0fs of %.0fs): Ray needs a node with"
+                        " a free `sampler` resource and the sampler's CPU/GPU",
+                        i,
+                        waited,
+                        self.config.restart_wait_s,
+                    )
+                time.sleep(min(0.5 + waited / 4, 5.0))
 
     def sample_and_score(self, epoch: int) -> list[tuple[Any, list[str], dict[str, Any]]]:
         """Launch the epoch's sampler calls (every S-th batch to sampler S) and their rewards;
@@ -249,7 +268,8 @@ class Driver:
                 try:
                     results = {name: self.wiring.get(ref) for name, ref in refs.items()}
                     break
-                except self.wiring.actor_errors as err:  # the sampler died with this batch
+                except self.wiring.actor_errors + self.wiring.lost_errors as err:
+                    # The sampler died with this batch, or its node with the images.
                     for name, ref in refs.items():
                         self.pools[name].done(ref)
                     self.recover_sampler(i, err)
@@ -271,7 +291,7 @@ class Driver:
             for record in sample_records(prompts, rewards, info):
                 samples_file.write(json.dumps({"epoch": epoch, **record}, default=float) + "\n")
         if not out.trajs:
-            raise RuntimeError(f"epoch {epoch}: every batch had non-finite rewards; stopping")
+            raise EmptyEpoch(f"epoch {epoch}: every batch was dropped")
         return out
 
     def bad_batch(self, where: str, rewards: np.ndarray, info: dict) -> None:
@@ -293,9 +313,12 @@ class Driver:
         return batch_advantages(rewards)
 
     def update(self, advantages: np.ndarray, rewards: np.ndarray, trajs: list) -> dict:
-        return self.from_learner(
-            self.wiring.call(self.learner, "update", advantages, rewards, *trajs)
-        )
+        try:
+            return self.from_learner(
+                self.wiring.call(self.learner, "update", advantages, rewards, *trajs)
+            )
+        except self.wiring.lost_errors as err:  # a node took trajectories with it
+            raise BatchesLost(len(trajs)) from err
 
     # ----- checkpoints -----
     def save_checkpoint(self, epoch: int, **driver_state: Any) -> Path | None:
@@ -448,6 +471,16 @@ class Driver:
                 self.board.close()
             if (self.run_dir / "metrics.jsonl").exists():
                 write_report(self.run_dir)
+            self.shutdown()
+
+    def shutdown(self) -> None:
+        """End the run's actors (they would outlive a failed run on a shared cluster)."""
+        actors = [*self.samplers, self.learner, *(a for p in self.pools.values() for a in p.actors)]
+        for actor in actors:
+            try:
+                self.wiring.kill(actor)
+            except Exception as err:  # already gone
+                log.debug("kill %s: %s", actor, err)
 
     def begin(self) -> int:
         """Restore the checkpoint to resume from, or start fresh: the start grid, checkpoint 0
@@ -481,55 +514,74 @@ class Driver:
         return self.history
 
     def _epochs(self) -> None:
-        config = self.config
         with (
             (self.run_dir / "metrics.jsonl").open("a") as metrics_file,
             (self.run_dir / "samples.jsonl").open("a") as samples_file,
         ):
-            for epoch in range(self.start_epoch, config.epochs):
-                start = time.time()
-                self.resize_rewards()
-                version = self.publish()
-                # One bar per epoch: a step per sampled-and-scored batch, then the update.
-                bar = tqdm(
-                    total=len(batches := self.sample_and_score(epoch)) + 1,
-                    desc=f"epoch {epoch} sample+score",
-                    leave=False,
-                    disable=None,
-                )
-                got = self.collect(epoch, batches, samples_file, bar)
-                rewards = np.concatenate(got.rewards)
-                advantages = self.advantages(got.prompts, rewards)
-                bar.set_description(f"epoch {epoch} train")
-                update = self.update(advantages, rewards, got.trajs)
-                bar.update(1)
-                bar.close()
-
-                record = {
-                    "epoch": epoch,
-                    "policy_version": version,
-                    "reward_mean": float(rewards.mean()),
-                    "reward_std": float(rewards.std()),
-                    "loss": update.get("loss"),
-                    "approx_kl": update.get("approx_kl"),
-                    "clipfrac": update.get("clipfrac"),
-                    "grad_norm": update.get("grad_norm"),
-                    "samples": int(len(rewards)),
-                    "batches_dropped": got.dropped,
-                    "batches_lost_total": self.lost_batches,
-                    "seconds": round(time.time() - start, 3),
-                }
-                if len(self.terms) > 1:
-                    for name, parts in got.per_term.items():
-                        record[f"reward/{name}/mean"] = float(np.concatenate(parts).mean())
-                        record[f"reward/{name}/std"] = float(np.concatenate(parts).std())
+            for epoch in range(self.start_epoch, self.config.epochs):
+                record = self.epoch_with_retry(epoch, samples_file)
                 self.history.append(record)
                 self.log(record, metrics_file)
-                if config.grid_every and (epoch + 1) % config.grid_every == 0:
+                if self.config.grid_every and (epoch + 1) % self.config.grid_every == 0:
                     self.grid(epoch + 1)
                 samples_file.flush()
                 if self.checkpoint_due(epoch + 1):
                     self.save_checkpoint(epoch + 1)
+
+    def epoch_with_retry(self, epoch: int, samples_file: Any) -> dict:
+        """One epoch; if a lost node took trajectories with it before the update read them, the
+        epoch is run again from its start (the learner has not changed)."""
+        tracker, logged = self.tracker.state_dict(), samples_file.tell()
+        losses = 0
+        while True:
+            try:
+                return self.epoch(epoch, samples_file)
+            except EmptyEpoch as err:  # a run of bad rewards; too long a run stops in bad_batch
+                log.warning("%s; sampling it again", err)
+            except BatchesLost as err:
+                losses += 1
+                if losses > SAMPLER_RESTARTS:
+                    raise RuntimeError(f"epoch {epoch}: trajectories lost {losses} times") from err
+                self.lost_batches += err.batches
+                self.tracker.load_state_dict(tracker)
+                samples_file.truncate(logged)
+                log.warning("epoch %d: %s lost with a node; running the epoch again", epoch, err)
+
+    def epoch(self, epoch: int, samples_file: Any) -> dict:
+        """Publish, sample, score, advantages, update: one sync DDPO epoch; its metrics."""
+        start = time.time()
+        self.resize_rewards()
+        version = self.publish()
+        # One bar per epoch: a step per sampled-and-scored batch, then the update.
+        bar = tqdm(
+            total=len(batches := self.sample_and_score(epoch)) + 1,
+            desc=f"epoch {epoch} sample+score",
+            leave=False,
+            disable=None,
+        )
+        got = self.collect(epoch, batches, samples_file, bar)
+        rewards = np.concatenate(got.rewards)
+        advantages = self.advantages(got.prompts, rewards)
+        bar.set_description(f"epoch {epoch} train")
+        update = self.update(advantages, rewards, got.trajs)
+        bar.update(1)
+        bar.close()
+        record = {
+            "epoch": epoch,
+            "policy_version": version,
+            "reward_mean": float(rewards.mean()),
+            "reward_std": float(rewards.std()),
+            **{k: update.get(k) for k in ("loss", "approx_kl", "clipfrac", "grad_norm")},
+            "samples": int(len(rewards)),
+            "batches_dropped": got.dropped,
+            "batches_lost_total": self.lost_batches,
+            "seconds": round(time.time() - start, 3),
+        }
+        if len(self.terms) > 1:
+            for name, parts in got.per_term.items():
+                record[f"reward/{name}/mean"] = float(np.concatenate(parts).mean())
+                record[f"reward/{name}/std"] = float(np.concatenate(parts).std())
+        return record
 
     def checkpoint_due(self, done: int) -> bool:
         """After `done` epochs/updates: every save_every, and at the end."""

@@ -24,7 +24,8 @@ import tyro
 from ddpo.config import Config, read_prompt_file, task_config
 from learner import checkpoint
 from learner.checkpoint import Checkpoint
-from learner.driver import Driver, LearnerLost, RewardBroken, train  # noqa: F401  (API)
+from learner.driver import Driver, train  # noqa: F401  (Driver: the API next to the CLI)
+from learner.errors import LearnerLost, RewardBroken
 from learner.wiring import InProcess
 
 log = logging.getLogger("learner.run")

@@ -14,6 +14,7 @@ class InProcess:
     """Calls methods directly; results are plain values."""
 
     actor_errors: tuple[type[BaseException], ...] = ()  # nothing dies here
+    lost_errors: tuple[type[BaseException], ...] = ()  # nor is anything lost
 
     def create(self, cls: type, *args: Any, options: dict | None = None) -> Any:
         return cls(*args)
@@ -42,6 +43,8 @@ class OnRay:
         self.ray = ray
         # A call to an actor that died (and was restarted, or not) raises these.
         self.actor_errors = (ray.exceptions.RayActorError,)
+        # A result that lived on a lost node (and cannot be recomputed) raises these.
+        self.lost_errors = (ray.exceptions.ObjectLostError,)
         # Inside `ray job submit` RAY_ADDRESS names the cluster: join it.
         address = address or os.environ.get("RAY_ADDRESS")
         self.joined = bool(address)

@@ -1,0 +1,20 @@
+"""Errors that stop a run, each saying how to go on."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+class LearnerLost(RuntimeError):
+    """The learner actor died; the run can go on from its last checkpoint."""
+
+    def __init__(self, run_dir: Path, cause: BaseException):
+        super().__init__(
+            f"the learner actor was lost ({type(cause).__name__}); continue the run from its last "
+            f"checkpoint with: python -m learner.run --resume {run_dir}  (or pass --auto-resume "
+            "to have a new learner started from the checkpoint automatically)"
+        )
+
+
+class RewardBroken(RuntimeError):
+    """Too many batches in a row had non-finite or failed rewards."""

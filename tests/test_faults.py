@@ -1,0 +1,223 @@
+"""Fault injection on tiny runs: a reward actor, the learner, or a reward that goes bad, at
+seeded random points. Every run completes (or stops saying how to resume); batches are never
+trained twice; sync runs that lost and regained their learner end exactly where an uninterrupted
+run ends. (Sampler loss: tests/test_sampler_restart.py; node loss: tests/test_multinode.py.)"""
+
+import dataclasses
+import json
+import logging
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from learner import checkpoint
+
+LORA = "lora/pytorch_lora_weights.safetensors"
+
+
+def fault_config(run_dir, **changes):
+    from ddpo.config import SampleConfig, TrainConfig, task_config
+
+    settings = dict(
+        epochs=5,
+        run_dir=run_dir,
+        save_every=1,
+        sample=SampleConfig(num_steps=4, batch_size=4, num_batches_per_epoch=2),
+        train=TrainConfig(learning_rate=1e-2, clip_range=0.1, batch_size=4),
+        grid_prompts=2,
+        grid_seeds=2,
+    )
+    return dataclasses.replace(task_config("compressibility", "tiny"), **(settings | changes))
+
+
+def records(run_dir):
+    """metrics.jsonl without wall-clock times and busy fractions."""
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return [
+        {k: v for k, v in json.loads(line).items() if "seconds" not in k and "busy" not in k}
+        for line in lines
+    ]
+
+
+def kill_during(driver, pick_actor, seed, no_restart):
+    """Kill `pick_actor(driver)` once a seeded random number (1-3) of epochs is logged, after a
+    seeded random delay: somewhere inside sampling, scoring or the update of the next epoch."""
+    import ray
+
+    rng = np.random.default_rng(seed)
+    after, delay = int(rng.integers(1, 4)), float(rng.uniform(0.0, 0.5))
+    metrics = driver.run_dir / "metrics.jsonl"
+
+    def killer():
+        while not metrics.exists() or len(metrics.read_text().splitlines()) < after:
+            time.sleep(0.02)
+        time.sleep(delay)
+        ray.kill(pick_actor(driver), no_restart=no_restart)
+
+    thread = threading.Thread(target=killer, daemon=True)
+    thread.start()
+    return thread
+
+
+@pytest.fixture(scope="module")
+def straight(ray_instance, tmp_path_factory):
+    """The reference: an uninterrupted sync run on Ray."""
+    from learner.driver import train
+
+    run_dir = tmp_path_factory.mktemp("straight")
+    train(fault_config(run_dir))
+    return run_dir
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("seed", [1])
+def test_a_lost_reward_actor_changes_nothing(straight, tmp_path, seed):
+    from learner.driver import Driver
+
+    driver = Driver(fault_config(tmp_path))
+    killer = kill_during(driver, lambda d: d.pools["jpeg_compressibility"].actors[0], seed, False)
+    driver.run()
+    killer.join(timeout=30)
+    assert not killer.is_alive()
+    # Ray restarted the actor and re-ran its lost call: nothing resampled, every number equal.
+    assert records(tmp_path) == records(straight)
+    assert (tmp_path / LORA).read_bytes() == (straight / LORA).read_bytes()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("seed", [2])
+def test_a_lost_learner_stops_the_run_and_resume_ends_where_the_straight_run_does(
+    straight, tmp_path, seed
+):
+    from learner.driver import Driver, train
+    from learner.errors import LearnerLost
+
+    driver = Driver(fault_config(tmp_path))
+    killer = kill_during(driver, lambda d: d.learner, seed, True)
+    with pytest.raises(LearnerLost, match=f"--resume {tmp_path}"):
+        driver.run()
+    killer.join(timeout=30)
+    ckpt = checkpoint.latest(tmp_path)
+    assert 1 <= ckpt.epoch < 5
+    history = train(fault_config(tmp_path), resume=ckpt)
+    assert [h["epoch"] for h in history] == list(range(5))
+    assert records(tmp_path) == records(straight)
+    assert (tmp_path / LORA).read_bytes() == (straight / LORA).read_bytes()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("seed", [3])
+def test_auto_resume_replaces_a_lost_learner_in_sync_mode_exactly(straight, tmp_path, seed):
+    from learner.driver import Driver
+
+    driver = Driver(fault_config(tmp_path, auto_resume=True))
+    killer = kill_during(driver, lambda d: d.learner, seed, True)
+    history = driver.run()
+    killer.join(timeout=30)
+    assert driver.resumes == 1
+    assert [h["epoch"] for h in history] == list(range(5))
+    assert records(tmp_path) == records(straight)
+    assert (tmp_path / LORA).read_bytes() == (straight / LORA).read_bytes()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("seed", [4])
+def test_auto_resume_in_async_mode_keeps_the_accounting(ray_instance, tmp_path, seed):
+    from learner.driver import Driver
+
+    config = fault_config(tmp_path, mode="async", auto_resume=True, epochs=6)
+    driver = Driver(config)
+    killer = kill_during(driver, lambda d: d.learner, seed, True)
+    history = driver.run()
+    killer.join(timeout=30)
+    assert driver.resumes == 1
+    assert [h["epoch"] for h in history] == list(range(6))
+    assert [h["policy_version"] for h in history] == list(range(6))
+    totals = json.loads((tmp_path / "accounting.json").read_text())
+    nb = config.sample.num_batches_per_epoch
+    assert totals["batches_trained"] == 6 * nb
+    assert totals["batches_sampled"] == sum(
+        totals.get(k, 0)
+        for k in (
+            "batches_trained",
+            "batches_dropped_stale",
+            "batches_dropped_nonfinite",
+            "batches_unused",
+        )
+    )
+    assert all(h["staleness_max"] <= config.max_staleness for h in history)
+
+
+# ----- bad rewards, in one process -----
+def bad_reward(monkeypatch, score):
+    """Make the jpeg_compressibility reward `score(images, prompts, call) -> (rewards, info)`."""
+    import rewards
+
+    calls = []
+
+    def factory():
+        def fn(images, prompts):
+            calls.append(len(images))
+            return score(images, prompts, len(calls))
+
+        return fn
+
+    monkeypatch.setitem(rewards.REWARDS, "jpeg_compressibility", factory)
+    return calls
+
+
+def honest(images, prompts, call):
+    from rewards.jpeg import jpeg_size_kb
+
+    return -jpeg_size_kb(images), {}
+
+
+def test_nonfinite_and_miscounted_rewards_drop_their_batch_and_the_run_goes_on(
+    small_config, monkeypatch, caplog
+):
+    from learner.driver import train
+    from learner.wiring import InProcess
+
+    def flaky(images, prompts, call):
+        rewards, info = honest(images, prompts, call)
+        if call == 2:  # the start grid is call 1; then epoch 0's two batches
+            rewards[1] = np.nan
+        if call == 5:  # epoch 1's second batch: one reward short
+            return rewards[:-1], info
+        return rewards, info
+
+    bad_reward(monkeypatch, flaky)
+    with caplog.at_level(logging.WARNING):
+        history = train(small_config(epochs=3), InProcess())
+    assert [h["batches_dropped"] for h in history] == [1, 1, 0]
+    assert [h["samples"] for h in history] == [4, 4, 8]
+    assert "returned shape (3,) for 4 images" in caplog.text  # the reward_error, logged
+
+
+def test_a_reward_that_keeps_failing_stops_the_run_with_how_to_resume(small_config, monkeypatch):
+    from learner.driver import train
+    from learner.errors import RewardBroken
+    from learner.wiring import InProcess
+
+    def broken(images, prompts, call):
+        rewards, info = honest(images, prompts, call)
+        return (rewards if call == 1 else rewards * np.inf), info  # the start grid still works
+
+    bad_reward(monkeypatch, broken)
+    config = small_config(epochs=4, max_bad_batches=3)
+    with pytest.raises(RewardBroken, match="3 batches in a row.*--resume"):
+        train(config, InProcess())
+    assert checkpoint.latest(config.run_dir).epoch == 0  # the checkpoint before it is intact
+
+
+def test_a_missing_model_stops_before_anything_is_written(small_config, tmp_path):
+    from ddpo.policy import ModelLoadError
+    from learner.driver import train
+    from learner.wiring import InProcess
+
+    run_dir = tmp_path / "run"
+    with pytest.raises(ModelLoadError, match="neither `tiny`, an existing directory"):
+        train(small_config(model="./no/such/model", run_dir=run_dir), InProcess())
+    assert not run_dir.exists()
