@@ -182,8 +182,8 @@ class Driver:
         sent = [self.send_weights(s) for s in self.samplers]
         for i, ref in enumerate(sent):
             try:
-                w.get(ref)
-            except w.actor_errors:  # restarting: it gets the weights once it is back
+                w.get(ref, timeout=30.0)
+            except w.actor_errors + w.timeout_errors:  # restarting: weights once it is back
                 self.wait_for_sampler(i)
         return version
 
@@ -216,30 +216,32 @@ class Driver:
         """Re-send the newest weights to sampler i until it answers: Ray restarts it (at most
         SAMPLER_RESTARTS times), on another node if its own is gone and another has room. Waits
         at most `config.restart_wait_s`, saying every half minute what it waits for."""
-        start = last_note = time.monotonic()
+        w, limit = self.wiring, self.config.restart_wait_s
+        start = time.monotonic()
+        ref = self.send_weights(self.samplers[i])
         while True:
+            waited = time.monotonic() - start
+            if waited > limit:
+                raise RuntimeError(
+                    f"sampler {i} did not come back within {limit:.0f}s: Ray restarts it at most "
+                    f"{SAMPLER_RESTARTS} times, and only on a node with a free `sampler` resource "
+                    "and the sampler's CPU/GPU; add such a node, then continue with: "
+                    f"python -m learner.run --resume {self.run_dir}"
+                )
             try:
-                self.wiring.get(self.send_weights(self.samplers[i]))
+                w.get(ref, timeout=min(30.0, max(limit - waited, 0.1)))
                 return
-            except self.wiring.actor_errors as err:
-                waited = time.monotonic() - start
-                if waited > self.config.restart_wait_s:
-                    raise RuntimeError(
-                        f"sampler {i} did not come back within {self.config.restart_wait_s:.0f}s "
-                        f"({type(err).__name__}): it restarts at most {SAMPLER_RESTARTS} times, "
-                        "and only on a node with a free `sampler` resource and CPU/GPU; add such "
-                        f"a node, then continue with: python -m learner.run --resume {self.run_dir}"
-                    ) from err
-                if time.monotonic() - last_note > 30:
-                    last_note = time.monotonic()
-                    log.warning(
-                        "waiting for sampler %d to restart (%.0fs of %.0fs): Ray needs a node with"
-                        " a free `sampler` resource and the sampler's CPU/GPU",
-                        i,
-                        waited,
-                        self.config.restart_wait_s,
-                    )
+            except w.timeout_errors:  # restarting, or waiting for a node with room
+                log.warning(
+                    "waiting for sampler %d to restart (%.0fs of %.0fs): it needs a node with a "
+                    "free `sampler` resource and its CPU/GPU",
+                    i,
+                    time.monotonic() - start,
+                    limit,
+                )
+            except w.actor_errors:  # died again, or the call reached it while it was down
                 time.sleep(min(0.5 + waited / 4, 5.0))
+                ref = self.send_weights(self.samplers[i])
 
     def sample_and_score(self, epoch: int) -> list[tuple[Any, list[str], dict[str, Any]]]:
         """Launch the epoch's sampler calls (every S-th batch to sampler S) and their rewards;

@@ -15,6 +15,7 @@ class InProcess:
 
     actor_errors: tuple[type[BaseException], ...] = ()  # nothing dies here
     lost_errors: tuple[type[BaseException], ...] = ()  # nor is anything lost
+    timeout_errors: tuple[type[BaseException], ...] = ()  # nor waited for
 
     def create(self, cls: type, *args: Any, options: dict | None = None) -> Any:
         return cls(*args)
@@ -24,7 +25,7 @@ class InProcess:
     ) -> Any:
         return getattr(handle, method)(*args)
 
-    def get(self, refs: Any) -> Any:
+    def get(self, refs: Any, timeout: float | None = None) -> Any:
         return refs
 
     def get_ready(self, refs: list, timeout: float) -> list:
@@ -45,6 +46,7 @@ class OnRay:
         self.actor_errors = (ray.exceptions.RayActorError,)
         # A result that lived on a lost node (and cannot be recomputed) raises these.
         self.lost_errors = (ray.exceptions.ObjectLostError,)
+        self.timeout_errors = (ray.exceptions.GetTimeoutError,)
         # Inside `ray job submit` RAY_ADDRESS names the cluster: join it.
         address = address or os.environ.get("RAY_ADDRESS")
         self.joined = bool(address)
@@ -86,8 +88,8 @@ class OnRay:
             options["concurrency_group"] = group
         return getattr(handle, method).options(**options).remote(*args)
 
-    def get(self, refs: Any) -> Any:
-        return self.ray.get(refs)
+    def get(self, refs: Any, timeout: float | None = None) -> Any:
+        return self.ray.get(refs, timeout=timeout)
 
     def get_ready(self, refs: list, timeout: float) -> list:
         """The values of those refs that are ready within `timeout` seconds."""

@@ -87,3 +87,62 @@ def test_roles_placement_pool_growth_and_a_full_run(cluster, small_config, tmp_p
 def test_async_run_across_nodes(cluster, small_config):
     history = train(small_config(mode="async", epochs=3))
     assert len(history) == 3 and all(h["staleness_max"] <= 1 for h in history)
+
+
+def remove_when(c, node, metrics, after_epochs, removed):
+    """Remove `node` from the cluster once `after_epochs` epochs are logged (in a thread)."""
+    import threading
+    import time
+
+    def remover():
+        while not metrics.exists() or len(metrics.read_text().splitlines()) < after_epochs:
+            time.sleep(0.02)
+        removed["epochs_logged"] = len(metrics.read_text().splitlines())
+        c.remove_node(node)
+
+    thread = threading.Thread(target=remover, daemon=True)
+    thread.start()
+    return thread
+
+
+def sampler_node(c, nodes, node_id):
+    return next(n for n in [nodes["sampler"], *c.list_all_nodes()] if n.node_id == node_id)
+
+
+# The two tests below remove nodes: they run last in this module.
+@pytest.mark.slow
+def test_a_lost_sampler_node_moves_its_sampler_to_another(cluster, small_config):
+    from learner.driver import Driver
+
+    c, nodes = cluster
+    c.add_node(num_cpus=2, resources={"sampler": 1})  # a second node that can take a sampler
+    c.wait_for_nodes()
+    config = small_config(epochs=5)
+    driver = Driver(config)
+    first = node_of(driver.samplers[0])
+    removed: dict = {}
+    thread = remove_when(
+        c, sampler_node(c, nodes, first), config.run_dir / "metrics.jsonl", 1, removed
+    )
+    history = driver.run()
+    thread.join(timeout=30)
+    assert removed["epochs_logged"] < config.epochs  # the node went during the run
+    assert first not in {n.node_id for n in c.list_all_nodes()}  # so the sampler moved
+    assert [h["epoch"] for h in history] == list(range(config.epochs))
+    assert all(h["samples"] == 8 for h in history)
+    assert [h["policy_version"] for h in history] == list(range(config.epochs))
+
+
+@pytest.mark.slow
+def test_with_no_node_left_for_a_sampler_the_run_waits_then_says_why(cluster, small_config):
+    from learner.driver import Driver
+
+    c, nodes = cluster
+    config = small_config(epochs=50, restart_wait_s=5.0)
+    driver = Driver(config)
+    node = sampler_node(c, nodes, node_of(driver.samplers[0]))
+    thread = remove_when(c, node, config.run_dir / "metrics.jsonl", 1, {})
+    with pytest.raises(RuntimeError, match="sampler 0 did not come back within 5s.*--resume"):
+        driver.run()
+    thread.join(timeout=30)
+    assert (config.run_dir / "checkpoints").is_dir()  # what it learned so far is resumable
