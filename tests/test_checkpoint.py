@@ -155,3 +155,32 @@ def test_resume_refuses_changed_settings_and_empty_runs(tmp_path):
         main(["--resume", str(tmp_path)])
     with pytest.raises(SystemExit, match="no such directory"):
         main(["--resume", str(tmp_path / "nope")])
+
+
+def test_a_full_disk_at_one_checkpoint_keeps_the_run_and_the_older_checkpoints(
+    small_config, monkeypatch, caplog
+):
+    from learner.driver import train
+    from learner.wiring import InProcess
+
+    real, saves = checkpoint.save_file, []
+
+    def disk_full_at_the_third_save(tensors, path):
+        saves.append(path)
+        if len(saves) == 3:  # checkpoints 0 and 1 are written, 2 hits a full disk
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real(tensors, path)
+
+    monkeypatch.setattr(checkpoint, "save_file", disk_full_at_the_third_save)
+    config = small_config(epochs=3, save_every=1, keep_checkpoints=5)
+    with caplog.at_level(logging.ERROR):
+        history = train(config, InProcess())
+    assert len(history) == 3
+    assert "checkpoint 2 not written" in caplog.text and "No space" in caplog.text
+    root = checkpoint.checkpoint_dir(config.run_dir)
+    assert sorted(p.name for p in root.iterdir()) == [
+        "epoch-000000",
+        "epoch-000001",
+        "epoch-000003",
+    ]
+    assert all(checkpoint.verify(p) is None for p in root.iterdir())
