@@ -24,5 +24,5 @@ def save_grid(images: np.ndarray, path: Path, columns: int, scale: int = 4) -> N
     """Save a grid, upscaled without smoothing when the images are small (the tiny model's 32 px)."""
     grid = Image.fromarray(make_grid(images, columns))
     if scale > 1 and images.shape[1] < 128:
-        grid = grid.resize((grid.width * scale, grid.height * scale), Image.NEAREST)
+        grid = grid.resize((grid.width * scale, grid.height * scale), Image.Resampling.NEAREST)
     grid.save(path)

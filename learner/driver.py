@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -145,13 +146,16 @@ class Driver:
             for i in range(config.num_samplers)
         ]
         w = self.wiring
+
+        def reward_actor_maker(name: str) -> Callable[[], Any]:
+            options_of = reward_actor_options(name, gpu=gpu)
+            return lambda: create(RewardWorker, name, options[name], options=options_of)
+
         self.pools = {
             name: RewardPool(
                 name,
                 sizes.get(name, PoolSize()),
-                make_actor=lambda name=name: create(
-                    RewardWorker, name, options[name], options=reward_actor_options(name, gpu=gpu)
-                ),
+                make_actor=reward_actor_maker(name),
                 call=lambda actor, reward_input: w.call(actor, "score", reward_input),
                 kill=lambda actor: w.kill(actor),
             )

@@ -117,7 +117,8 @@ class MetricsExporter:
             registry=r,
         )
         try:
-            self._server, self._thread = start_http_server(port, addr=host, registry=r)
+            server, self._thread = start_http_server(port, addr=host, registry=r)
+            self._server: Any = server
         except OSError as err:
             raise OSError(
                 f"cannot serve metrics on {host}:{port} ({err}); pick another --metrics-port, "

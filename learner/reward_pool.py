@@ -52,8 +52,8 @@ def parse_pool_sizes(workers: tuple[str, ...], ranges: tuple[str, ...]) -> dict[
     sizes = {}
     for name in starts.keys() | bounds.keys():
         start = starts.get(name, bounds.get(name, (1, 1))[0])
-        low, high = bounds.get(name, (start, start))
-        sizes[name] = PoolSize(start=start, min=low, max=high)
+        least, most = bounds.get(name, (start, start))
+        sizes[name] = PoolSize(start=start, min=least, max=most)
     return sizes
 
 

@@ -17,7 +17,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import tyro
 
@@ -129,7 +129,7 @@ def build_config(args: Args) -> Config:
 
 def run_options(args: Args) -> dict:
     """The Config fields that a fresh run and a resumed one both take from the command line."""
-    options = {"auto_resume": args.auto_resume}
+    options: dict[str, Any] = {"auto_resume": args.auto_resume}
     if args.save_every is not None:
         options["save_every"] = args.save_every
     if args.keep_checkpoints is not None:
@@ -155,7 +155,9 @@ def resume_config(args: Args) -> tuple[Config, Checkpoint]:
             "nothing to resume (start the run again without --resume)"
         )
     config = Config.from_dict(ckpt.state["config"])
-    changes = dict(run_dir=run_dir, address=args.address, grid_every=args.grid_every)
+    changes: dict[str, Any] = dict(
+        run_dir=run_dir, address=args.address, grid_every=args.grid_every
+    )
     changes |= dict(metrics_port=args.metrics_port, metrics_host=args.metrics_host)
     changes |= dict(tensorboard=args.tensorboard or config.tensorboard, **run_options(args))
     if args.epochs is not None:
@@ -181,7 +183,7 @@ def main(argv: list[str] | None = None) -> None:
             f"done: {len(history)} epochs in {time.time() - start:.0f}s; epoch reward "
             f"{first['reward_mean']:+.4f} -> {last['reward_mean']:+.4f}"
         )
-        evals = [json.loads(s) for s in (Path(config.run_dir) / "eval.jsonl").open()]
+        evals = [json.loads(s) for s in (Path(str(config.run_dir)) / "eval.jsonl").open()]
         print(
             f"evaluation ({evals[0]['samples']} fixed samples): reward "
             f"{evals[0]['reward_mean']:+.4f} -> {evals[-1]['reward_mean']:+.4f}; "

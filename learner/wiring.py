@@ -76,7 +76,9 @@ class OnRay:
         # Concurrency groups belong to the actor class, not to .options().
         groups = options.pop("concurrency_groups", None)
         actor_cls = (
-            self.ray.remote(concurrency_groups=groups)(cls) if groups else self.ray.remote(cls)
+            self.ray.remote(concurrency_groups=groups)(cls)  # type: ignore[call-overload]
+            if groups
+            else self.ray.remote(cls)
         )
         return actor_cls.options(**options, resources=resources).remote(*args)
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -82,7 +83,7 @@ def load_aesthetic_mlp(path: str | Path) -> AestheticMLP:
     return mlp.eval()
 
 
-TINY_VISION = dict(
+TINY_VISION: dict[str, Any] = dict(
     hidden_size=32,
     intermediate_size=64,
     num_hidden_layers=2,
@@ -149,7 +150,8 @@ class AestheticScorer:
         if clip_model == "tiny":
             clip_model = str(build_tiny_clip(tempfile.mkdtemp(prefix="ddpo-tiny-clip-")))
         self.processor = AutoImageProcessor.from_pretrained(clip_model)
-        self.clip = CLIPModel.from_pretrained(clip_model, dtype=self.dtype).to(self.device).eval()
+        clip = CLIPModel.from_pretrained(clip_model, dtype=self.dtype)
+        self.clip = clip.to(self.device).eval()  # type: ignore[arg-type]  # transformers' .to stub
         if str(mlp_path) == "tiny":
             log.warning("aesthetic: a random tiny MLP (mlp_path=tiny); its scores mean nothing")
             torch.manual_seed(0)

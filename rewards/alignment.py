@@ -135,7 +135,7 @@ class LlavaAnswerer:
         # Decoder-only batched generation: pad on the left so every row continues its own text.
         self.processor.tokenizer.padding_side = "left"
         self.model = LlavaForConditionalGeneration.from_pretrained(model, dtype=dtype)
-        self.model.to(self.device).eval()
+        self.model.to(self.device).eval()  # type: ignore[arg-type]  # transformers' .to stub
         self.batch_size, self.max_new_tokens = batch_size, max_new_tokens
         self.prompt = self.format_prompt(question)
 

@@ -58,7 +58,8 @@ def build_tokenizer() -> CLIPTokenizer:
             vocab.setdefault(left + right, len(vocab))
     for special in ("<|startoftext|>", "<|endoftext|>"):
         vocab.setdefault(special, len(vocab))
-    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=MAX_TOKENS)
+    # transformers annotates merges as strings; the BPE tokenizer takes (left, right) pairs too.
+    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=MAX_TOKENS)  # type: ignore[arg-type]
 
 
 def build_vae() -> AutoencoderKL:
