@@ -23,6 +23,8 @@ from ddpo.config import task_config
 from learner.driver import train
 from learner.wiring import InProcess
 
+PHASES = ("publish", "sample_score", "update")
+
 
 @dataclass(frozen=True)
 class Args:
@@ -43,6 +45,8 @@ def timed_run(epochs: int, in_process: bool) -> dict:
         "epoch_seconds_mean": float(np.mean(per_epoch)),
         "epoch_seconds_std": float(np.std(per_epoch)),
         "total_seconds": total,
+        # Where an epoch's time goes (wall time of each phase, epochs 1..N-1).
+        "phases": {p: float(np.mean([h[f"seconds/{p}"] for h in history[1:]])) for p in PHASES},
         "rewards": [h["reward_mean"] for h in history],
     }
 
@@ -63,6 +67,9 @@ def main(args: Args) -> None:
             f"{r['total_seconds']:10.1f}"
         )
     print(f"Ray / one process: {ratio:.3f}")
+    print("seconds per epoch by phase: " + ", ".join(PHASES))
+    for name, r in (("one process", plain), ("Ray sync, 1 sampler", on_ray)):
+        print(f"{name:24s}" + "".join(f"{r['phases'][p]:10.3f}" for p in PHASES))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(
         json.dumps(

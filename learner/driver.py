@@ -554,10 +554,17 @@ class Driver:
                 log.warning("epoch %d: %s lost with a node; running the epoch again", epoch, err)
 
     def epoch(self, epoch: int, samples_file: Any) -> dict:
-        """Publish, sample, score, advantages, update: one sync DDPO epoch; its metrics."""
-        start = time.time()
+        """Publish, sample, score, advantages, update: one sync DDPO epoch; its metrics, with
+        the wall time of each phase (`seconds/<phase>`)."""
+        clock = [time.time()]
+
+        def lap() -> float:
+            clock.append(time.time())
+            return round(clock[-1] - clock[-2], 3)
+
         self.resize_rewards()
         version = self.publish()
+        t_publish = lap()
         # One bar per epoch: a step per sampled-and-scored batch, then the update.
         bar = tqdm(
             total=len(batches := self.sample_and_score(epoch)) + 1,
@@ -566,10 +573,12 @@ class Driver:
             disable=None,
         )
         got = self.collect(epoch, batches, samples_file, bar)
+        t_sample_score = lap()
         rewards = np.concatenate(got.rewards)
         advantages = self.advantages(got.prompts, rewards)
         bar.set_description(f"epoch {epoch} train")
         update = self.update(advantages, rewards, got.trajs)
+        t_update = lap()
         bar.update(1)
         bar.close()
         record = {
@@ -581,7 +590,10 @@ class Driver:
             "samples": int(len(rewards)),
             "batches_dropped": got.dropped,
             "batches_lost_total": self.lost_batches,
-            "seconds": round(time.time() - start, 3),
+            "seconds": round(clock[-1] - clock[0], 3),
+            "seconds/publish": t_publish,
+            "seconds/sample_score": t_sample_score,
+            "seconds/update": t_update,
         }
         if len(self.terms) > 1:
             for name, parts in got.per_term.items():

@@ -1,0 +1,74 @@
+"""What every benchmark script shares: the machine's facts, a markdown table, the JSON file."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import subprocess
+from pathlib import Path
+from typing import Any
+
+
+def machine() -> dict[str, Any]:
+    """Facts a number depends on: cores, memory, versions, date and commit."""
+    import psutil
+    import ray
+    import torch
+
+    facts: dict[str, Any] = {
+        "date": datetime.datetime.now().isoformat(timespec="seconds"),
+        "logical_cpus": os.cpu_count(),
+        "physical_cores": psutil.cpu_count(logical=False),
+        "memory_gib": round(psutil.virtual_memory().total / 2**30, 1),
+        "cpu": platform.processor() or platform.machine(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "ray": ray.__version__,
+        "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+    }
+    try:  # the model name is in /proc/cpuinfo on Linux
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+        facts["cpu"] = next(s.split(":", 1)[1].strip() for s in lines if s.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    try:
+        git = ["git", "rev-parse", "--short", "HEAD"]
+        facts["commit"] = subprocess.run(git, capture_output=True, text=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain"], capture_output=True, text=True)
+        facts["uncommitted_changes"] = bool(dirty.stdout.strip())
+    except OSError:
+        pass
+    return facts
+
+
+def describe(facts: dict[str, Any]) -> str:
+    """One line for the top of a table."""
+    gpu = f", {facts['gpu']}" if facts.get("gpu") else ", no GPU"
+    return (
+        f"{facts['physical_cores']} physical cores ({facts['logical_cpus']} logical), "
+        f"{facts['memory_gib']} GiB{gpu}; torch {facts['torch']}, Ray {facts['ray']}; "
+        f"{facts['date']}"
+    )
+
+
+def markdown_table(header: list[str], rows: list[list[Any]]) -> str:
+    """A markdown table; floats get 4 significant digits, None becomes a dash."""
+
+    def cell(value: Any) -> str:
+        if value is None:
+            return "-"
+        if isinstance(value, float):
+            return f"{value:.4g}" if abs(value) < 10_000 else f"{value:.0f}"
+        return str(value)
+
+    lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def write_json(path: Path, data: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=2, default=str) + "\n")
+    print(f"wrote {path}")
