@@ -10,6 +10,10 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
+# The Ray instances the scripts start run workers at nice 0, as learner.run's own instance does
+# (learner/wiring.py says why).
+os.environ.setdefault("RAY_worker_niceness", "0")
+
 
 def machine() -> dict[str, Any]:
     """Facts a number depends on: cores, memory, versions, date and commit."""

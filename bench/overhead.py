@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import tempfile
 import time
 from dataclasses import dataclass
@@ -55,7 +56,9 @@ def main(args: Args) -> None:
     import ray
 
     plain = timed_run(args.epochs, in_process=True)
-    # As learner.run does for its own local instance: a logical CPU per actor (they take turns).
+    # As learner.run does for its own local instance: workers at nice 0, a logical CPU per actor
+    # (they take turns).
+    os.environ.setdefault("RAY_worker_niceness", "0")
     ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
     on_ray = timed_run(args.epochs, in_process=False)
     ray.shutdown()

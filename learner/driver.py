@@ -142,7 +142,13 @@ class Driver:
         gpu = config.device.startswith("cuda")
         create = self.wiring.create
         self.samplers = [
-            create(Sampler, config, i, sampler_threads, options=role_options("sampler", gpu))
+            create(
+                Sampler,
+                config,
+                i,
+                sampler_threads,
+                options=role_options("sampler", gpu, weights_group=config.mode == "async"),
+            )
             for i in range(config.num_samplers)
         ]
         w = self.wiring
@@ -200,7 +206,8 @@ class Driver:
 
     def send_weights(self, sampler: Any) -> Any:
         version, state = self.weights
-        return self.wiring.call(sampler, "set_weights", version, state, group="weights")
+        group = "weights" if self.config.mode == "async" else None  # see role_options
+        return self.wiring.call(sampler, "set_weights", version, state, group=group)
 
     def call_sampler(self, i: int, prompts: list[str], seeds: np.ndarray, min_version: int) -> Any:
         """Start sampler i on one batch: (trajectory, reward input, meta) refs. A sampler that

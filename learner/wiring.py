@@ -54,6 +54,9 @@ class OnRay:
             if address:
                 ray.init(address=address)
             else:
+                # Ray runs workers at nice 15 by default; our actors are the work, and at nice 15
+                # a Ray daemon waking up stalls torch's threads (sampling was 6% slower).
+                os.environ.setdefault("RAY_worker_niceness", "0")
                 # Logical CPUs: in sync mode the actors take turns, so they may share the cores.
                 ray.init(num_cpus=max(os.cpu_count() or 1, min_cpus), resources=resources)
 
@@ -108,13 +111,18 @@ ROLE_SHARE = 0.001
 it, the CPU/GPU request how many fit on one node."""
 
 
-def role_options(role: str, gpu: bool) -> dict[str, Any]:
+def role_options(role: str, gpu: bool, weights_group: bool = False) -> dict[str, Any]:
     """Ray options of a sampler or learner actor: its role resource, and one GPU on GPU runs.
-    Samplers get a `weights` concurrency group so new weights arrive during a long sample call."""
+
+    weights_group (async samplers): a `weights` concurrency group, so that new weights arrive
+    during a long sample call. Without it (sync) every method runs on the actor's main thread,
+    which matters on CPU: torch's OpenMP threads started from a pool thread ran the tiny model
+    2.2x slower than from the main thread (bench/overhead.py, BENCHMARKS.md)."""
     options = {"num_cpus": 1, "num_gpus": 1 if gpu else 0, "resources": {role: ROLE_SHARE}}
+    if role == "sampler" and weights_group:
+        options["concurrency_groups"] = {"weights": 1}
     if role == "sampler":
         # A lost sampler restarts (re-running __init__, so with no weights); the driver re-sends
         # the newest weights before its next batch, and resamples the batch it lost.
-        options["concurrency_groups"] = {"weights": 1}
         options["max_restarts"] = SAMPLER_RESTARTS
     return options
