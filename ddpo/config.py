@@ -56,6 +56,10 @@ class TrainConfig:
     """PPO clip range on the importance ratio (tuned to log-probs averaged over latent dims)."""
     adv_clip_max: float = 5.0
     """Advantages are clipped to [-adv_clip_max, adv_clip_max]."""
+    dual_clip: float = 3.0
+    """For A < 0 the IS loss is capped at dual_clip * |A| (dual-clip PPO); 0 turns it off. On
+    policy ratios stay near 1 and it never acts; it keeps stale async batches whose ratio
+    exploded from taking over an update."""
     timestep_fraction: float = 1.0
     """Fraction of each trajectory's (shuffled) steps trained on."""
     lora_rank: int = 4

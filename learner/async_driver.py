@@ -24,6 +24,7 @@ import numpy as np
 
 from ddpo.config import Config
 from learner.errors import LearnerLost
+from learner.learner import UPDATE_METRICS
 from rewards import combine_rewards, sample_records
 
 
@@ -176,7 +177,7 @@ def run_async(driver: Any) -> list[dict]:
             "policy_version": version,
             "reward_mean": float(rewards.mean()),
             "reward_std": float(rewards.std()),
-            **{k: update.get(k) for k in ("loss", "approx_kl", "clipfrac", "grad_norm")},
+            **{k: update.get(k) for k in UPDATE_METRICS},
             "samples": int(len(rewards)),
             "seconds": round(wall - (history[-1]["wall_seconds"] if history else 0.0), 3),
             "wall_seconds": round(wall, 3),

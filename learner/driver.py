@@ -33,7 +33,7 @@ from learner import checkpoint
 from learner.async_driver import run_async
 from learner.checkpoint import Checkpoint
 from learner.errors import LearnerLost, RewardBroken
-from learner.learner import Learner
+from learner.learner import UPDATE_METRICS, Learner
 from learner.metrics import metrics_exporter
 from learner.report import TensorBoardWriter, grid_name, write_report
 from learner.reward_pool import PoolSize, RewardPool, parse_pool_sizes
@@ -593,7 +593,7 @@ class Driver:
             "policy_version": version,
             "reward_mean": float(rewards.mean()),
             "reward_std": float(rewards.std()),
-            **{k: update.get(k) for k in ("loss", "approx_kl", "clipfrac", "grad_norm")},
+            **{k: update.get(k) for k in UPDATE_METRICS},
             "samples": int(len(rewards)),
             "batches_dropped": got.dropped,
             "batches_lost_total": self.lost_batches,

@@ -13,6 +13,9 @@ from ddpo.policy import Policy, load_pipeline
 from ddpo.trajectory import Trajectory
 from learner import checkpoint, losses
 
+UPDATE_METRICS = ("loss", "approx_kl", "clipfrac", "dualclipfrac", "grad_norm")
+"""What the driver logs of each update's metrics (besides the staleness breakdown)."""
+
 
 class Learner:
     """Owns the trainable policy; `update` consumes trajectories and advantages, bumps the version."""
@@ -155,7 +158,7 @@ class Learner:
                     old = traj.log_probs[idx, step]
                     if importance_sampling:
                         loss, info = losses.ddpo_is_loss(
-                            log_prob, old, adv[idx], cfg.clip_range, cfg.adv_clip_max
+                            log_prob, old, adv[idx], cfg.clip_range, cfg.adv_clip_max, cfg.dual_clip
                         )
                     else:
                         loss = losses.ddpo_sf_loss(log_prob, adv[idx], cfg.adv_clip_max)

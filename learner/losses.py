@@ -15,21 +15,31 @@ def ddpo_is_loss(
     advantages: torch.Tensor,
     clip_range: float,
     adv_clip_max: float,
+    dual_clip: float = 0.0,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Clipped importance-sampling loss over a batch of transitions [B].
 
-    loss = mean(max(-A r, -A clip(r, 1 - eps, 1 + eps))), r = exp(log_prob - old_log_prob).
-    Returns the loss and detached diagnostics (approx_kl, clipfrac).
+    loss = mean(max(-A r, -A clip(r, 1 - eps, 1 + eps))), r = exp(log_prob - old_log_prob);
+    with dual_clip = c > 1, a term with A < 0 is also capped at -c A (dual-clip PPO, Ye et al.
+    2020): the pessimistic max lets -A r grow with r without bound, so off-policy samples whose
+    ratio exploded (async, stale batches) would otherwise dominate the update.
+    Returns the loss and detached diagnostics (approx_kl, clipfrac, dualclipfrac).
     """
     advantages = advantages.clamp(-adv_clip_max, adv_clip_max)
     ratio = torch.exp(log_prob - old_log_prob)
     unclipped = -advantages * ratio
     clipped = -advantages * ratio.clamp(1.0 - clip_range, 1.0 + clip_range)
-    loss = torch.maximum(unclipped, clipped).mean()
+    per_sample = torch.maximum(unclipped, clipped)
+    capped = (
+        (advantages < 0) & (ratio > dual_clip) if dual_clip > 1 else torch.zeros_like(ratio) > 0
+    )
+    per_sample = torch.where(capped, -dual_clip * advantages, per_sample)
+    loss = per_sample.mean()
     with torch.no_grad():
         info = {
             "approx_kl": 0.5 * ((log_prob - old_log_prob) ** 2).mean(),
             "clipfrac": ((ratio - 1.0).abs() > clip_range).float().mean(),
+            "dualclipfrac": capped.float().mean(),
         }
     return loss, info
 

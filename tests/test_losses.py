@@ -43,6 +43,24 @@ def test_is_loss_unclipped_side_keeps_gradient():
     assert new.grad.item() == pytest.approx(-math.exp(-0.1))
 
 
+def test_dual_clip_caps_exploded_ratios_of_negative_advantages():
+    # A < 0 with ratio e^2 = 7.4 > c = 3: capped at c|A|, no gradient; with ratio e^0.5 = 1.65 < c
+    # the unclipped term stays (gradient |A| r); A > 0 with a huge ratio is PPO-clipped as before.
+    new = torch.tensor([2.0, 0.5, 2.0], requires_grad=True)
+    adv = torch.tensor([-1.0, -1.0, 1.0])
+    loss, info = losses.ddpo_is_loss(new, torch.zeros(3), adv, 0.1, 5.0, dual_clip=3.0)
+    loss.backward()
+    assert loss.item() == pytest.approx((3.0 + math.exp(0.5) - 1.1) / 3)
+    assert new.grad.tolist() == pytest.approx([0.0, math.exp(0.5) / 3, 0.0])
+    assert info["dualclipfrac"].item() == pytest.approx(1 / 3)
+    # Off (the default), the first term is -A r = e^2 with gradient e^2 / 3.
+    new.grad = None
+    loss, info = losses.ddpo_is_loss(new, torch.zeros(3), adv, 0.1, 5.0)
+    loss.backward()
+    assert new.grad[0].item() == pytest.approx(math.exp(2.0) / 3)
+    assert info["dualclipfrac"].item() == 0.0
+
+
 def test_is_loss_clips_advantages():
     zeros = torch.zeros(2)
     loss, _ = losses.ddpo_is_loss(zeros, zeros, torch.tensor([10.0, -20.0]), 1e-4, adv_clip_max=5.0)
