@@ -57,27 +57,45 @@ def test_async_needs_ray(small_config):
 
 
 @pytest.mark.slow
-def test_async_run_learns(ray_instance, tmp_path):
-    """The tiny compressibility preset in async mode improves the reward of the fixed
-    evaluation samples (same prompts and noise at the start and the end; see test_e2e.py).
+def test_async_run_of_the_tiny_preset_trains_every_update_within_its_staleness(
+    ray_instance, tmp_path
+):
+    """The tiny compressibility preset in async mode (K = 1) for 15 updates: every update trains
+    num_batches_per_epoch batches at most K versions old, versions advance one per update, the
+    accounting balances, and training moved the fixed evaluation samples' reward.
 
-    K = 0: every trained batch is on-policy, and what is tested is the async machinery (queue,
-    publish between batches, dropping stale batches) under learning. At K = 1 the tiny preset's
-    lr (1e-2) is not reliable: one update moves the policy so far that stale samples reach
-    approx_kl 0.2-2 (also in a Ray-free emulation), and about one run in two lost reward within
-    15 updates (BENCHMARKS.md, "Sync vs async")."""
+    Whether the reward goes *up* in 15 updates is not asserted: on this preset it depends on the
+    seed even in sync mode (eval gain +0.04, +0.011 and -0.004 for seeds 0, 1, 2), and an async
+    run's batches depend on timing, so each run is a new draw (BENCHMARKS.md, "Sync vs async").
+    Sync learning is asserted, deterministically, in test_e2e.py."""
     config = dataclasses.replace(
         task_config("compressibility", "tiny"),
         mode="async",
         epochs=15,
-        max_staleness=0,
+        max_staleness=1,
         run_dir=tmp_path,
     )
     history = train(config)
-    assert all(r["staleness_max"] == 0 for r in history)
+    nb = config.sample.num_batches_per_epoch
+    assert [r["policy_version"] for r in history] == list(range(15))
+    assert all(r["staleness_max"] <= 1 for r in history)
+    assert all(
+        sum(v for k, v in r.items() if k.startswith("staleness/hist/")) == nb for r in history
+    )
+    totals = json.loads((tmp_path / "accounting.json").read_text())
+    assert totals["batches_trained"] == 15 * nb
+    assert totals["batches_sampled"] == sum(
+        totals.get(k, 0)
+        for k in (
+            "batches_trained",
+            "batches_dropped_stale",
+            "batches_dropped_nonfinite",
+            "batches_unused",
+        )
+    )
     evals = [json.loads(s) for s in (tmp_path / "eval.jsonl").read_text().splitlines()]
     assert evals[-1]["policy_version"] == 15
-    assert evals[-1]["reward_mean"] - evals[0]["reward_mean"] > 0.005, evals
+    assert evals[-1]["reward_mean"] != evals[0]["reward_mean"]
 
 
 @pytest.mark.slow
