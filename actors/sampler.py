@@ -17,6 +17,7 @@ import torch
 from actors.metrics import ray_actor_metrics
 from ddpo.config import Config
 from ddpo.policy import Policy, load_pipeline
+from ddpo.threads import ThreadGovernor
 from ddpo.trajectory import Trajectory
 
 
@@ -26,11 +27,6 @@ class StaleWeightsError(RuntimeError):
 
 class Sampler:
     def __init__(self, config: Config, sampler_id: int, threads: int | None = None):
-        # torch's thread count is per OS thread, and a threaded actor (concurrency groups) runs
-        # its methods on other threads than __init__: set it again in every call.
-        self.threads = threads
-        if threads:
-            torch.set_num_threads(threads)
         self.sampler_id = sampler_id
         self.policy = Policy(
             load_pipeline(config.model, config.device),
@@ -38,7 +34,12 @@ class Sampler:
             guidance_scale=config.sample.guidance_scale,
             eta=config.sample.eta,
             lora_rank=config.train.lora_rank,
+            lora_init=config.train.lora_init,
+            lora_targets=config.train.lora_targets,
         )
+        # Threads per step, measured (ddpo.threads); set again at every step, since torch's
+        # count is per OS thread and a threaded actor runs methods off its __init__ thread.
+        self.policy.threads = ThreadGovernor.for_role(threads, config.device)
         self.version = 0
         self.sequence = 0
         # Batch ids stay unique across restarts: a restarted sampler counts from 0 again.
@@ -69,8 +70,6 @@ class Sampler:
         a few bytes of metadata for the driver (batch id, policy version, size, seconds).
 
         Refuses to sample with weights older than `min_version` (a restarted sampler has none)."""
-        if self.threads:
-            torch.set_num_threads(self.threads)
         self._apply_pending()
         if self.version < min_version:
             raise StaleWeightsError(

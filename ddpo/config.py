@@ -63,6 +63,12 @@ class TrainConfig:
     timestep_fraction: float = 1.0
     """Fraction of each trajectory's (shuffled) steps trained on."""
     lora_rank: int = 4
+    lora_targets: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0")
+    """UNet modules that get LoRA adapters (peft target_modules, matched by name suffix):
+    the attention projections as in the paper; conv1/conv2 add the ResNet blocks' convolutions."""
+    lora_init: Literal["default", "gaussian"] = "default"
+    """LoRA A's init (B starts at 0 either way): peft's default (Kaiming uniform), or gaussian,
+    N(0, (1/rank)^2) as in diffusers' LoRA layers that the reference implementation uses."""
     rwr_beta: float = 1.0
     """RWR temperature: weights exp(beta * reward), normalised over the batch."""
     sparse_rwr_quantile: float = 0.9
@@ -73,6 +79,10 @@ class TrainConfig:
             raise ValueError(f"train.timestep_fraction={self.timestep_fraction} must be in (0, 1]")
         if self.learning_rate < 0:
             raise ValueError(f"train.learning_rate={self.learning_rate} must be >= 0")
+        if self.lora_init not in ("default", "gaussian"):
+            raise ValueError(f"train.lora_init={self.lora_init!r}: choose default or gaussian")
+        if not self.lora_targets:
+            raise ValueError("train.lora_targets is empty; name the UNet modules to adapt")
         for name in ("batch_size", "gradient_accumulation_steps", "num_inner_epochs", "lora_rank"):
             if getattr(self, name) < 1:
                 raise ValueError(f"train.{name}={getattr(self, name)} must be at least 1")
@@ -128,6 +138,9 @@ class Config:
     """Interface of the metrics endpoint; 0.0.0.0 to let a Prometheus on another host scrape it."""
     grid_every: int = 0
     """Also save an image grid every N epochs (0: only at the start and the end)."""
+    eval_every: int = 0
+    """Also score the fixed evaluation samples every N epochs (0: only at the start and the
+    end); every image grid is scored too."""
     tensorboard: bool = False
     """Log scalars and grids to RUN_DIR/tensorboard (needs `pip install tensorboard`)."""
     save_every: int = 5
@@ -196,7 +209,9 @@ class Config:
         values = {}
         for name, value in data.items():
             if name in nested:
-                value = nested[name](**value)
+                value = nested[name](
+                    **{k: tuple(v) if isinstance(v, list) else v for k, v in value.items()}
+                )
             elif isinstance(value, list):
                 value = tuple(value)
             elif name == "run_dir" and value is not None:

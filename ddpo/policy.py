@@ -20,6 +20,7 @@ from peft import LoraConfig, get_peft_model_state_dict, set_peft_model_state_dic
 from transformers.utils import logging as transformers_logging
 
 from ddpo.ddim import ddim_step_with_log_prob
+from ddpo.threads import ThreadGovernor
 from ddpo.trajectory import Trajectory
 
 log = logging.getLogger(__name__)
@@ -116,6 +117,8 @@ class Policy:
         eta: float = 1.0,
         lora_rank: int = 4,
         seed: int = 0,
+        lora_init: str = "default",  # or "gaussian": A ~ N(0, (1/rank)^2), as diffusers' LoRA
+        lora_targets: tuple[str, ...] | list[str] = tuple(LORA_TARGETS),
     ):
         self.pipe = pipe
         self.unet = pipe.unet
@@ -131,11 +134,18 @@ class Policy:
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             torch.manual_seed(seed)
             self.unet.add_adapter(
-                LoraConfig(r=lora_rank, lora_alpha=lora_rank, target_modules=LORA_TARGETS)
+                LoraConfig(
+                    r=lora_rank,
+                    lora_alpha=lora_rank,
+                    target_modules=list(lora_targets),
+                    init_lora_weights="gaussian" if lora_init == "gaussian" else True,
+                )
             )
         # LoRA trains in fp32 even when the base model is fp16/bf16.
         for p in self.trainable_parameters():
             p.data = p.data.float()
+        # How many CPU threads each step uses; the sampler and learner give it theirs.
+        self.threads = ThreadGovernor(None)
         self.scheduler: DDIMScheduler = pipe.scheduler
         self.scheduler.set_timesteps(num_steps, device="cpu")
         self.uncond_embeds = self.encode_prompts([""])  # [1, L, D]
@@ -231,24 +241,29 @@ class Policy:
         if len(seeds) != len(prompts):
             raise ValueError(f"got {len(prompts)} prompts but {len(seeds)} seeds")
         generators = [torch.Generator().manual_seed(int(s)) for s in seeds]
-        embeds = self.encode_prompts(prompts)
+        b = len(prompts)
+        with self.threads.step(("encode", b)):
+            embeds = self.encode_prompts(prompts)
         x = torch.stack([torch.randn(self.latent_shape(), generator=g) for g in generators])
         x = (x * self.scheduler.init_noise_sigma).to(self.device)
         latents, log_probs = [x], []
         for t in self.scheduler.timesteps:
-            eps = self.guided_noise(x.to(self.unet.dtype), t, embeds)
-            x, lp = ddim_step_with_log_prob(
-                self.scheduler, eps.float(), t, x, eta=self.eta, generator=generators
-            )
+            with self.threads.step(("denoise", b)):
+                eps = self.guided_noise(x.to(self.unet.dtype), t, embeds)
+                x, lp = ddim_step_with_log_prob(
+                    self.scheduler, eps.float(), t, x, eta=self.eta, generator=generators
+                )
             latents.append(x)
             log_probs.append(lp)
+        with self.threads.step(("decode", b)):
+            images = self.decode(x)
         return Trajectory(
             prompts=list(prompts),
             prompt_embeds=embeds.cpu(),
             latents=torch.stack(latents, dim=1).cpu(),
             timesteps=self.scheduler.timesteps.clone().cpu(),
             log_probs=torch.stack(log_probs, dim=1).cpu(),
-            images=self.decode(x),
+            images=images,
             seeds=seeds,
             policy_version=policy_version,
             sampler_id=sampler_id,

@@ -203,8 +203,7 @@ def run_async(driver: Any) -> list[dict]:
         samples_file.flush()
         version = driver.publish()  # the newest weights ref replaces the last one
         drop_stale()
-        if config.grid_every and len(history) % config.grid_every == 0:
-            driver.grid(len(history))
+        driver.evaluate_due(len(history))
         if driver.checkpoint_due(len(history)):
             save_checkpoint()
 

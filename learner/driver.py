@@ -403,10 +403,11 @@ class Driver:
         self.learner = self.make_learner()
         self.restore(ckpt)
 
-    def grid(self, when: int | str) -> dict:
-        """Image grid of the fixed prompts x seeds under the current weights, and their reward:
-        the same prompts and noise at every evaluation, so evaluations compare like with like.
-        Appends {"when", "reward_mean", ...} to RUN_DIR/eval.jsonl and returns it."""
+    def grid(self, when: int | str, image: bool = True) -> dict:
+        """Score the fixed prompts x seeds under the current weights (and save their image grid
+        unless `image` is False): the same prompts and noise at every evaluation, so evaluations
+        pair sample by sample. Appends {"when", "reward_mean", "rewards", ...} to
+        RUN_DIR/eval.jsonl, with every sample's reward in grid order, and returns it."""
         prompts, seeds = grid_schedule(self.config)
         w = self.wiring
         traj, reward_input, meta = self.call_sampler(0, prompts, seeds, min_version=0)
@@ -415,16 +416,18 @@ class Driver:
         for name, ref in refs.items():
             self.pools[name].done(ref)
         rewards, _ = combine_rewards(self.terms, results)
-        path = self.run_dir / grid_name(when)
-        save_grid(w.get(traj).images, path, columns=self.config.grid_seeds)
-        if self.board:
-            self.board.image("grid", path, step=when if isinstance(when, int) else 0)
+        if image:
+            path = self.run_dir / grid_name(when)
+            save_grid(w.get(traj).images, path, columns=self.config.grid_seeds)
+            if self.board:
+                self.board.image("grid", path, step=when if isinstance(when, int) else 0)
         record = {
             "when": when,
             "policy_version": w.get(meta)["policy_version"],
             "reward_mean": float(np.mean(rewards)),
             "reward_std": float(np.std(rewards)),
             "samples": len(rewards),
+            "rewards": [round(float(r), 6) for r in rewards],
         }
         with (self.run_dir / "eval.jsonl").open("a") as f:
             f.write(json.dumps(record) + "\n")
@@ -535,8 +538,7 @@ class Driver:
                 record = self.epoch_with_retry(epoch, samples_file)
                 self.history.append(record)
                 self.log(record, metrics_file)
-                if self.config.grid_every and (epoch + 1) % self.config.grid_every == 0:
-                    self.grid(epoch + 1)
+                self.evaluate_due(epoch + 1)
                 samples_file.flush()
                 if self.checkpoint_due(epoch + 1):
                     self.save_checkpoint(epoch + 1)
@@ -594,6 +596,7 @@ class Driver:
             "reward_mean": float(rewards.mean()),
             "reward_std": float(rewards.std()),
             **{k: update.get(k) for k in UPDATE_METRICS},
+            **{k: v for k, v in update.items() if k.startswith("threads/")},
             "samples": int(len(rewards)),
             "batches_dropped": got.dropped,
             "batches_lost_total": self.lost_batches,
@@ -607,6 +610,17 @@ class Driver:
                 record[f"reward/{name}/mean"] = float(np.concatenate(parts).mean())
                 record[f"reward/{name}/std"] = float(np.concatenate(parts).std())
         return record
+
+    def evaluate_due(self, done: int) -> None:
+        """After `done` epochs/updates (not the last: `finish` evaluates that): a grid every
+        grid_every, a scored evaluation every eval_every."""
+        if done == self.config.epochs:
+            return
+        grid_every, eval_every = self.config.grid_every, self.config.eval_every
+        if grid_every and done % grid_every == 0:
+            self.grid(done)
+        elif eval_every and done % eval_every == 0:
+            self.grid(done, image=False)
 
     def checkpoint_due(self, done: int) -> bool:
         """After `done` epochs/updates: every save_every, and at the end."""

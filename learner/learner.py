@@ -10,6 +10,7 @@ import torch
 
 from ddpo.config import Config
 from ddpo.policy import Policy, load_pipeline
+from ddpo.threads import ThreadGovernor
 from ddpo.trajectory import Trajectory
 from learner import checkpoint, losses
 
@@ -21,9 +22,6 @@ class Learner:
     """Owns the trainable policy; `update` consumes trajectories and advantages, bumps the version."""
 
     def __init__(self, config: Config, threads: int | None = None, policy: Policy | None = None):
-        self.threads = threads  # set again in every call: torch's thread count is per OS thread
-        if threads:
-            torch.set_num_threads(threads)
         self.config = config
         cfg = config.train
         self.policy = policy or Policy(
@@ -33,7 +31,11 @@ class Learner:
             eta=config.sample.eta,
             lora_rank=cfg.lora_rank,
             seed=config.seed,
+            lora_init=cfg.lora_init,
+            lora_targets=cfg.lora_targets,
         )
+        # Threads per training step, measured (ddpo.threads), set again at every step.
+        self.policy.threads = ThreadGovernor.for_role(threads, config.device)
         self.optimizer = torch.optim.AdamW(
             self.policy.trainable_parameters(),
             lr=cfg.learning_rate,
@@ -77,8 +79,6 @@ class Learner:
         self, advantages: np.ndarray, rewards: np.ndarray, *batches: Trajectory
     ) -> dict[str, float]:
         """One epoch of training on `batches` (advantages and rewards in the same sample order)."""
-        if self.threads:
-            torch.set_num_threads(self.threads)
         seen = [b.batch_id for b in batches if b.batch_id in self.trained_batches]
         if seen or len({b.batch_id for b in batches}) < len(batches):
             raise ValueError(f"batches {seen or 'in this call'} were already trained on")
@@ -149,22 +149,28 @@ class Learner:
             for i, idx in enumerate(minibatches):
                 for k in range(n_steps):
                     step = steps[idx, k]  # [b] step index per sample
-                    log_prob = self.policy.log_prob(
-                        traj.prompt_embeds[idx],
-                        traj.latents[idx, step],
-                        traj.timesteps[step],
-                        traj.latents[idx, step + 1],
-                    )
                     old = traj.log_probs[idx, step]
-                    if importance_sampling:
-                        loss, info = losses.ddpo_is_loss(
-                            log_prob, old, adv[idx], cfg.clip_range, cfg.adv_clip_max, cfg.dual_clip
+                    with self.policy.threads.step(("train", len(idx))):
+                        log_prob = self.policy.log_prob(
+                            traj.prompt_embeds[idx],
+                            traj.latents[idx, step],
+                            traj.timesteps[step],
+                            traj.latents[idx, step + 1],
                         )
-                    else:
-                        loss = losses.ddpo_sf_loss(log_prob, adv[idx], cfg.adv_clip_max)
-                        with torch.no_grad():
-                            info = {"approx_kl": 0.5 * ((log_prob - old) ** 2).mean()}
-                    (loss / (accumulate * n_steps)).backward()
+                        if importance_sampling:
+                            loss, info = losses.ddpo_is_loss(
+                                log_prob,
+                                old,
+                                adv[idx],
+                                cfg.clip_range,
+                                cfg.adv_clip_max,
+                                cfg.dual_clip,
+                            )
+                        else:
+                            loss = losses.ddpo_sf_loss(log_prob, adv[idx], cfg.adv_clip_max)
+                            with torch.no_grad():
+                                info = {"approx_kl": 0.5 * ((log_prob - old) ** 2).mean()}
+                        (loss / (accumulate * n_steps)).backward()
                     stats["loss"].append(loss.item())
                     with torch.no_grad():  # per-sample diagnostics, grouped by staleness
                         diff = log_prob.detach() - old
@@ -177,6 +183,7 @@ class Learner:
                 if (i + 1) % accumulate == 0 or i + 1 == len(minibatches):
                     stats["grad_norm"].append(self._optimizer_step())
         metrics = {key: float(np.mean(values)) for key, values in stats.items()}
+        metrics |= self.policy.threads.share()
         metrics |= {f"staleness/{k}": float(np.mean(v)) for k, v in by_staleness.items()}
         return metrics
 
@@ -201,11 +208,12 @@ class Learner:
                 )
                 noisy = scheduler.add_noise(x0[idx], noise, t).to(self.policy.device, unet.dtype)
                 embeds = traj.prompt_embeds[idx].to(self.policy.device, unet.dtype)
-                predicted = unet(noisy, t.to(self.policy.device), embeds).sample.float()
-                loss = losses.weighted_denoising_loss(
-                    predicted, noise.to(predicted.device), weights[idx].to(predicted.device)
-                )
-                (loss / cfg.gradient_accumulation_steps).backward()
+                with self.policy.threads.step(("rwr", len(idx))):
+                    predicted = unet(noisy, t.to(self.policy.device), embeds).sample.float()
+                    loss = losses.weighted_denoising_loss(
+                        predicted, noise.to(predicted.device), weights[idx].to(predicted.device)
+                    )
+                    (loss / cfg.gradient_accumulation_steps).backward()
                 stats["loss"].append(loss.item())
                 if (i + 1) % cfg.gradient_accumulation_steps == 0 or i + 1 == len(minibatches):
                     stats["grad_norm"].append(self._optimizer_step())

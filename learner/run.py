@@ -76,6 +76,8 @@ class Args:
     """Interface for the metrics endpoint (0.0.0.0 to be scraped from other hosts)."""
     grid_every: int = 0
     """Save an image grid of fixed prompts and seeds every N epochs (0: start and end only)."""
+    eval_every: int = 0
+    """Score the fixed evaluation samples every N epochs (eval.jsonl; 0: start and end only)."""
     tensorboard: bool = False
     """Also log to RUN_DIR/tensorboard (needs the tensorboard package)."""
     save_every: int | None = None
@@ -91,6 +93,7 @@ class Args:
 
 RESUME_FLAGS = {
     "resume", "epochs", "address", "in_process", "metrics_port", "metrics_host", "grid_every",
+    "eval_every",
     "tensorboard", "save_every", "keep_checkpoints", "auto_resume",
 }  # fmt: skip
 """What --resume may change; everything else comes from the run's checkpoint."""
@@ -121,6 +124,7 @@ def build_config(args: Args) -> Config:
         metrics_port=args.metrics_port,
         metrics_host=args.metrics_host,
         grid_every=args.grid_every,
+        eval_every=args.eval_every,
         tensorboard=args.tensorboard,
         train=train,
         **run_options(args),
@@ -158,6 +162,7 @@ def resume_config(args: Args) -> tuple[Config, Checkpoint]:
     changes: dict[str, Any] = dict(
         run_dir=run_dir, address=args.address, grid_every=args.grid_every
     )
+    changes["eval_every"] = args.eval_every
     changes |= dict(metrics_port=args.metrics_port, metrics_host=args.metrics_host)
     changes |= dict(tensorboard=args.tensorboard or config.tensorboard, **run_options(args))
     if args.epochs is not None:

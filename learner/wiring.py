@@ -7,6 +7,8 @@ import logging
 import os
 from typing import Any
 
+from ddpo.threads import actor_env
+
 log = logging.getLogger("learner.run")
 
 
@@ -76,6 +78,11 @@ class OnRay:
                     sorted(set(wanted) - set(resources)),
                     cls.__name__,
                 )
+        # The user's thread settings (DDPO_THREADS, OMP_*) reach actors on every node; a local
+        # instance's workers would inherit them, a joined cluster's would not.
+        env = actor_env()
+        if env and "runtime_env" not in options:
+            options["runtime_env"] = {"env_vars": env}
         # Concurrency groups belong to the actor class, not to .options().
         groups = options.pop("concurrency_groups", None)
         actor_cls = (

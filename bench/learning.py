@@ -1,0 +1,223 @@
+"""Does a task preset learn? Paired evaluations over seeds, each against a shuffled control.
+
+    python bench/learning.py --task compressibility --seeds 0 1 2 3 4
+    python bench/learning.py --task compressibility --seeds 0 1 --epochs 20 \
+        --set train.learning_rate=3e-3 sample.num_steps=10 --no-plot --out /tmp/lr3e-3.json
+
+Per seed it runs the preset twice, in one process through the driver's own code path:
+- the run itself;
+- a shuffled-advantage control: the same run with every epoch's advantages permuted across its
+  samples, so the weights move as much with no signal in the direction (drift is not neutral on
+  the JPEG rewards, so an lr 0 control would prove nothing).
+
+From each run's evaluations (the same fixed prompts and seeds scored under the start, every
+--eval-every, and the final weights) it reports the paired mean gain, its t statistic and the
+curve. JSON goes to --out, the curves to a PNG beside it. For a JPEG task the gain is also given
+as a fraction of the room there is to move: from the start evaluation to the JPEG size of a flat
+image at the model's resolution.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import platform
+import subprocess
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import tyro
+
+from ddpo.config import Config, task_config
+from learner.driver import Driver
+from learner.evaluation import paired_gain, read_evals
+from learner.wiring import InProcess
+
+
+@dataclass(frozen=True)
+class Args:
+    task: str = "compressibility"
+    model: str = "tiny"
+    seeds: tuple[int, ...] = (0, 1, 2, 3, 4)
+    epochs: int | None = None
+    """Default: the preset's."""
+    eval_every: int = 5
+    set: tuple[str, ...] = ()
+    """Config overrides, dotted KEY=VALUE (JSON values): train.learning_rate=3e-3 mode=async."""
+    control: bool = True
+    """Also run the shuffled-advantage control of each seed."""
+    plot: bool = True
+    out: Path = Path("bench/results/learning.json")
+    keep_runs: Path | None = None
+    """Keep the run directories here (default: temporary)."""
+
+
+class ShuffledDriver(Driver):
+    """The control: every epoch's advantages permuted across its samples (the stat tracker still
+    sees the true rewards), so updates keep their size and lose their direction."""
+
+    def advantages(self, prompts: list[str], rewards: np.ndarray) -> np.ndarray:
+        advantages = super().advantages(prompts, rewards)
+        rng = np.random.default_rng([self.config.seed, 7919, len(self.history)])
+        return rng.permutation(advantages)
+
+
+def apply_overrides(config: Config, items: tuple[str, ...]) -> Config:
+    """KEY=VALUE with dotted keys into the nested frozen dataclasses; values parsed as JSON."""
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep:
+            raise SystemExit(f"--set {item!r}: write KEY=VALUE, e.g. train.learning_rate=3e-3")
+        try:
+            value: Any = json.loads(raw)
+        except json.JSONDecodeError:
+            value = raw
+        if isinstance(value, list):
+            value = tuple(value)
+        *outer, name = key.split(".")
+        parents = [config]
+        for part in outer:
+            parents.append(getattr(parents[-1], part))
+        if not hasattr(parents[-1], name):
+            raise SystemExit(f"--set {item!r}: the config has no field {key}")
+        new = dataclasses.replace(parents[-1], **{name: value})
+        for parent, part in zip(reversed(parents[:-1]), reversed(outer), strict=True):
+            new = dataclasses.replace(parent, **{part: new})
+        config = new
+    return config
+
+
+def flat_reward(config: Config) -> float | None:
+    """The reward of a flat grey image at the model's resolution (JPEG tasks only)."""
+    if not config.reward.startswith("jpeg_"):
+        return None
+    from ddpo.policy import load_pipeline
+    from rewards import make_reward
+
+    pipe = load_pipeline(config.model)
+    size = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    flat = np.full((1, size, size, 3), 128, np.uint8)
+    return float(make_reward(config.reward)(flat, ["flat"])[0][0])
+
+
+def one_run(config: Config, shuffled: bool) -> dict:
+    start = time.time()
+    (ShuffledDriver if shuffled else Driver)(config, InProcess()).run()
+    evals = read_evals(Path(str(config.run_dir)))
+    gain = paired_gain(evals[0]["rewards"], evals[-1]["rewards"])
+    curve = [
+        [0 if e["when"] == "start" else config.epochs if e["when"] == "end" else e["when"]]
+        + [e["reward_mean"]]
+        for e in evals
+    ]
+    return {
+        "start": evals[0]["reward_mean"],
+        "end": evals[-1]["reward_mean"],
+        "gain": gain,
+        "curve": curve,
+        "seconds": round(time.time() - start, 1),
+    }
+
+
+def main(args: Args) -> None:
+    config = task_config(args.task, args.model)
+    config = apply_overrides(config, args.set)
+    config = dataclasses.replace(
+        config,
+        epochs=args.epochs if args.epochs is not None else config.epochs,
+        eval_every=args.eval_every,
+        save_every=0,
+    )
+    flat = flat_reward(config)
+    results = []
+    with tempfile.TemporaryDirectory() as tmp:
+        root = args.keep_runs or Path(tmp)
+        for seed in args.seeds:
+            row: dict[str, Any] = {"seed": seed}
+            for name in ("run", "control") if args.control else ("run",):
+                run_config = dataclasses.replace(
+                    config, seed=seed, run_dir=root / f"{args.task}-s{seed}-{name}"
+                )
+                row[name] = one_run(run_config, shuffled=name == "control")
+                g = row[name]["gain"]
+                print(
+                    f"seed {seed} {name:7s}: eval {row[name]['start']:+.4f} -> "
+                    f"{row[name]['end']:+.4f}  gain {g['mean']:+.4f} (t {g['t']:+.1f})  "
+                    f"{row[name]['seconds']:.0f}s",
+                    flush=True,
+                )
+            results.append(row)
+    summary = summarize(results, flat)
+    print(json.dumps(summary, indent=2))
+    out = {
+        "task": args.task,
+        "overrides": list(args.set),
+        "config": dataclasses.asdict(config),
+        "seeds": results,
+        "summary": summary,
+        "flat_image_reward": flat,
+        "machine": f"{platform.node()} {platform.processor() or platform.machine()}",
+        "date": time.strftime("%Y-%m-%d"),
+        "commit": _commit(),
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(out, indent=2, default=str) + "\n")
+    if args.plot:
+        plot(results, args.out.with_suffix(".png"), f"{args.task}: {' '.join(args.set)}")
+
+
+def summarize(results: list[dict], flat: float | None) -> dict:
+    gains = [r["run"]["gain"]["mean"] for r in results]
+    summary: dict[str, Any] = {
+        "gain_mean": float(np.mean(gains)),
+        "gain_min": float(np.min(gains)),
+        "t_min": float(min(r["run"]["gain"]["t"] for r in results)),
+    }
+    if all("control" in r for r in results):
+        controls = [r["control"]["gain"]["mean"] for r in results]
+        summary["control_gain_mean"] = float(np.mean(controls))
+        summary["margin_paired"] = paired_gain(controls, gains) if len(gains) > 1 else None
+    if flat is not None:
+        room = float(np.mean([flat - r["run"]["start"] for r in results]))
+        summary["room"] = room
+        summary["fraction_of_room"] = summary["gain_mean"] / room if room else None
+    return summary
+
+
+def plot(results: list[dict], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for i, row in enumerate(results):
+        colour = f"C{i}"
+        run = np.array(row["run"]["curve"])
+        ax.plot(run[:, 0], run[:, 1], color=colour, label=f"seed {row['seed']}")
+        if "control" in row:
+            ctrl = np.array(row["control"]["curve"])
+            ax.plot(ctrl[:, 0], ctrl[:, 1], color=colour, linestyle="--", alpha=0.7)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("evaluation reward (fixed samples)")
+    ax.set_title(f"{title}\nsolid: DDPO-IS, dashed: shuffled-advantage control", fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def _commit() -> str:
+    try:
+        return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], text=True).strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+if __name__ == "__main__":
+    main(tyro.cli(Args))
