@@ -34,7 +34,7 @@ import tyro
 
 from ddpo.config import Config, task_config
 from learner.driver import Driver
-from learner.evaluation import paired_gain, read_evals
+from learner.evaluation import ShuffledDriver, paired_gain, read_evals
 from learner.wiring import InProcess
 
 
@@ -54,16 +54,6 @@ class Args:
     out: Path = Path("bench/results/learning.json")
     keep_runs: Path | None = None
     """Keep the run directories here (default: temporary)."""
-
-
-class ShuffledDriver(Driver):
-    """The control: every epoch's advantages permuted across its samples (the stat tracker still
-    sees the true rewards), so updates keep their size and lose their direction."""
-
-    def advantages(self, prompts: list[str], rewards: np.ndarray) -> np.ndarray:
-        advantages = super().advantages(prompts, rewards)
-        rng = np.random.default_rng([self.config.seed, 7919, len(self.history)])
-        return rng.permutation(advantages)
 
 
 def apply_overrides(config: Config, items: tuple[str, ...]) -> Config:

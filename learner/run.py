@@ -11,7 +11,6 @@ advantages, update. The run directory gets config.json, metrics.jsonl, image gri
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import sys
 import time
@@ -26,6 +25,7 @@ from learner import checkpoint
 from learner.checkpoint import Checkpoint
 from learner.driver import Driver, train  # noqa: F401  (Driver: the API next to the CLI)
 from learner.errors import LearnerLost, RewardBroken
+from learner.evaluation import paired_gain, read_evals
 from learner.wiring import InProcess
 
 log = logging.getLogger("learner.run")
@@ -188,10 +188,14 @@ def main(argv: list[str] | None = None) -> None:
             f"done: {len(history)} epochs in {time.time() - start:.0f}s; epoch reward "
             f"{first['reward_mean']:+.4f} -> {last['reward_mean']:+.4f}"
         )
-        evals = [json.loads(s) for s in (Path(str(config.run_dir)) / "eval.jsonl").open()]
+        evals = read_evals(Path(str(config.run_dir)))
+        paired = ""
+        if "rewards" in evals[0] and "rewards" in evals[-1]:  # older runs logged means only
+            gain = paired_gain(evals[0]["rewards"], evals[-1]["rewards"])
+            paired = f", paired gain {gain['mean']:+.4f} ± {gain['se']:.4f} (t {gain['t']:+.1f})"
         print(
             f"evaluation ({evals[0]['samples']} fixed samples): reward "
-            f"{evals[0]['reward_mean']:+.4f} -> {evals[-1]['reward_mean']:+.4f}; "
+            f"{evals[0]['reward_mean']:+.4f} -> {evals[-1]['reward_mean']:+.4f}{paired}; "
             f"run directory {config.run_dir} (index.html)"
         )
 
