@@ -82,6 +82,34 @@ def format_record(record: dict) -> str:
     return "  ".join(parts)
 
 
+RUN_LOGS = ("samples.jsonl", "eval.jsonl")
+"""The run's append-only logs that a checkpoint records the size of (metrics.jsonl it holds)."""
+
+
+def checked_log_cuts(run_dir: Path, logs: Any) -> list[tuple[Path, int]]:
+    """The (file, size) cuts a resume makes, from a checkpoint's `driver.logs`. A checkpoint is
+    input from disk, maybe from someone else: it may name only the run's own logs, by name, and
+    sizes no larger than they are now; anything else is refused before any file is touched."""
+    if not isinstance(logs, dict):
+        raise ValueError(f"checkpoint: driver.logs is {type(logs).__name__}, not a mapping")
+    cuts = []
+    for name, size in logs.items():
+        if name not in RUN_LOGS:
+            raise ValueError(
+                f"checkpoint names log {name!r}; a checkpoint may only name {', '.join(RUN_LOGS)} "
+                "in its own run directory: this checkpoint is damaged or was tampered with"
+            )
+        path = run_dir / name
+        have = path.stat().st_size if path.exists() else 0
+        if not isinstance(size, int) or isinstance(size, bool) or not 0 <= size <= have:
+            raise ValueError(
+                f"checkpoint: {name} size {size!r} is not a byte count within the file's "
+                f"{have} bytes: this checkpoint is damaged or was tampered with"
+            )
+        cuts.append((path, size))
+    return cuts
+
+
 class BatchesLost(Exception):
     """Trajectories of an epoch were lost with a node before the learner read them."""
 
@@ -342,9 +370,7 @@ class Driver:
         w = self.wiring
         tensors, learner_state = self.from_learner(w.call(self.learner, "state", num_returns=2))
         logs = {
-            n: (self.run_dir / n).stat().st_size
-            for n in ("samples.jsonl", "eval.jsonl")
-            if (self.run_dir / n).exists()
+            n: (self.run_dir / n).stat().st_size for n in RUN_LOGS if (self.run_dir / n).exists()
         }
         state = {
             "learner": learner_state,
@@ -374,14 +400,15 @@ class Driver:
             w.call(self.learner, "load_state", ckpt.tensors, ckpt.state["learner"])
         )
         self.restored = ckpt.state["driver"]
+        cuts = checked_log_cuts(self.run_dir, self.restored["logs"])  # before anything changes
         self.tracker.load_state_dict(self.restored["tracker"])
         self.lost_batches = self.restored["lost_batches"]
         self.history = list(ckpt.metrics)
         self.start_epoch = ckpt.epoch
         with (self.run_dir / "metrics.jsonl").open("w") as f:
             f.writelines(json.dumps(m) + "\n" for m in ckpt.metrics)
-        for name, size in self.restored["logs"].items():
-            with (self.run_dir / name).open("a") as f:
+        for path, size in cuts:
+            with path.open("a") as f:
                 f.truncate(size)
         log.info("resumed from %s: epoch %d, policy version %d", ckpt.path, ckpt.epoch, version)
 

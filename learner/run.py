@@ -23,7 +23,7 @@ import tyro
 from ddpo.config import Config, read_prompt_file, task_config
 from learner import checkpoint
 from learner.checkpoint import Checkpoint
-from learner.driver import Driver, train  # noqa: F401  (Driver: the API next to the CLI)
+from learner.driver import Driver, checked_log_cuts, train  # noqa: F401  (Driver: the API)
 from learner.errors import LearnerLost, RewardBroken
 from learner.evaluation import paired_gain, read_evals
 from learner.wiring import InProcess
@@ -158,6 +158,7 @@ def resume_config(args: Args) -> tuple[Config, Checkpoint]:
             f"--resume {run_dir}: no intact checkpoint in {checkpoint.checkpoint_dir(run_dir)}; "
             "nothing to resume (start the run again without --resume)"
         )
+    checked_log_cuts(run_dir, ckpt.state.get("driver", {}).get("logs", {}))  # refuse bad paths
     config = Config.from_dict(ckpt.state["config"])
     changes: dict[str, Any] = dict(
         run_dir=run_dir, address=args.address, grid_every=args.grid_every

@@ -184,3 +184,38 @@ def test_a_full_disk_at_one_checkpoint_keeps_the_run_and_the_older_checkpoints(
         "epoch-000003",
     ]
     assert all(checkpoint.verify(p) is None for p in root.iterdir())
+
+
+@pytest.mark.parametrize(
+    "logs",
+    [{"../victim.txt": 0}, {"VICTIM": 0}, {"eval.jsonl": 10**9}, {"eval.jsonl": -1}, [1]],
+    ids=["relative-escape", "absolute", "too-large", "negative", "not-a-mapping"],
+)
+def test_resume_refuses_a_checkpoint_that_names_other_files(small_config, tmp_path, logs):
+    """A tampered state.json (its manifest rewritten to match, as an attacker would) that names
+    a file outside the run, or a size the log does not have: one-line refusal, nothing touched."""
+    from learner.driver import train
+    from learner.wiring import InProcess
+
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious\n")
+    run_dir = tmp_path / "run"
+    train(small_config(epochs=1, save_every=1, run_dir=run_dir), InProcess())
+    ckpt = checkpoint.latest(run_dir).path
+    state = json.loads((ckpt / "state.json").read_text())
+    logs = (
+        {("/" + str(victim).lstrip("/") if k == "VICTIM" else k): v for k, v in logs.items()}
+        if isinstance(logs, dict)
+        else logs
+    )
+    state["driver"]["logs"] = logs
+    (ckpt / "state.json").write_text(json.dumps(state))
+    manifest = json.loads((ckpt / "MANIFEST.json").read_text())
+    manifest["files"]["state.json"] = checkpoint._digest(ckpt / "state.json")
+    (ckpt / "MANIFEST.json").write_text(json.dumps(manifest))
+    evals_before = (run_dir / "eval.jsonl").read_bytes()
+
+    with pytest.raises(SystemExit, match="damaged or was tampered with|not a mapping"):
+        run_main(["--resume", str(run_dir)])
+    assert victim.read_text() == "precious\n"
+    assert (run_dir / "eval.jsonl").read_bytes() == evals_before
