@@ -203,11 +203,8 @@ def test_resume_refuses_a_checkpoint_that_names_other_files(small_config, tmp_pa
     train(small_config(epochs=1, save_every=1, run_dir=run_dir), InProcess())
     ckpt = checkpoint.latest(run_dir).path
     state = json.loads((ckpt / "state.json").read_text())
-    logs = (
-        {("/" + str(victim).lstrip("/") if k == "VICTIM" else k): v for k, v in logs.items()}
-        if isinstance(logs, dict)
-        else logs
-    )
+    if isinstance(logs, dict):  # "VICTIM" stands for the victim's absolute path
+        logs = {str(victim) if name == "VICTIM" else name: size for name, size in logs.items()}
     state["driver"]["logs"] = logs
     (ckpt / "state.json").write_text(json.dumps(state))
     manifest = json.loads((ckpt / "MANIFEST.json").read_text())
