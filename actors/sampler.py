@@ -26,7 +26,13 @@ class StaleWeightsError(RuntimeError):
 
 
 class Sampler:
-    def __init__(self, config: Config, sampler_id: int, threads: int | None = None):
+    def __init__(
+        self,
+        config: Config,
+        sampler_id: int,
+        threads: int | None = None,
+        adaptive_threads: bool = False,
+    ):
         self.sampler_id = sampler_id
         self.policy = Policy(
             load_pipeline(config.model, config.device),
@@ -39,7 +45,9 @@ class Sampler:
         )
         # Threads per step, measured (ddpo.threads); set again at every step, since torch's
         # count is per OS thread and a threaded actor runs methods off its __init__ thread.
-        self.policy.threads = ThreadGovernor.for_role(threads, config.device)
+        self.policy.threads = ThreadGovernor(
+            threads, adaptive=adaptive_threads and config.device == "cpu"
+        )
         self.version = 0
         self.sequence = 0
         # Batch ids stay unique across restarts: a restarted sampler counts from 0 again.

@@ -54,6 +54,8 @@ class Args:
     out: Path = Path("bench/results/learning.json")
     keep_runs: Path | None = None
     """Keep the run directories here (default: temporary)."""
+    from_runs: Path | None = None
+    """Run nothing: summarise the run directories kept in this folder by --keep-runs."""
 
 
 def apply_overrides(config: Config, items: tuple[str, ...]) -> Config:
@@ -94,22 +96,23 @@ def flat_reward(config: Config) -> float | None:
     return float(make_reward(config.reward)(flat, ["flat"])[0][0])
 
 
-def one_run(config: Config, shuffled: bool) -> dict:
+def one_run(config: Config, shuffled: bool, reuse: bool = False) -> dict:
+    """Run (or, with `reuse`, read back) one run; its evaluations with their paired gains."""
     start = time.time()
-    (ShuffledDriver if shuffled else Driver)(config, InProcess()).run()
+    if not reuse:
+        (ShuffledDriver if shuffled else Driver)(config, InProcess()).run()
     evals = read_evals(Path(str(config.run_dir)))
-    gain = paired_gain(evals[0]["rewards"], evals[-1]["rewards"])
-    curve = [
-        [0 if e["when"] == "start" else config.epochs if e["when"] == "end" else e["when"]]
-        + [e["reward_mean"]]
-        for e in evals
-    ]
+    for e in evals:
+        e["epoch"] = (
+            0 if e["when"] == "start" else config.epochs if e["when"] == "end" else e["when"]
+        )
     return {
         "start": evals[0]["reward_mean"],
         "end": evals[-1]["reward_mean"],
-        "gain": gain,
-        "curve": curve,
-        "seconds": round(time.time() - start, 1),
+        "gain": paired_gain(evals[0]["rewards"], evals[-1]["rewards"]),
+        "curve": [[e["epoch"], e["reward_mean"]] for e in evals],
+        "evals": [{"epoch": e["epoch"], "rewards": e["rewards"]} for e in evals],
+        "seconds": None if reuse else round(time.time() - start, 1),
     }
 
 
@@ -125,19 +128,21 @@ def main(args: Args) -> None:
     flat = flat_reward(config)
     results = []
     with tempfile.TemporaryDirectory() as tmp:
-        root = args.keep_runs or Path(tmp)
+        root = args.from_runs or args.keep_runs or Path(tmp)
         for seed in args.seeds:
             row: dict[str, Any] = {"seed": seed}
             for name in ("run", "control") if args.control else ("run",):
                 run_config = dataclasses.replace(
                     config, seed=seed, run_dir=root / f"{args.task}-s{seed}-{name}"
                 )
-                row[name] = one_run(run_config, shuffled=name == "control")
+                row[name] = one_run(
+                    run_config, shuffled=name == "control", reuse=args.from_runs is not None
+                )
                 g = row[name]["gain"]
                 print(
                     f"seed {seed} {name:7s}: eval {row[name]['start']:+.4f} -> "
                     f"{row[name]['end']:+.4f}  gain {g['mean']:+.4f} (t {g['t']:+.1f})  "
-                    f"{row[name]['seconds']:.0f}s",
+                    f"{row[name]['seconds'] or 0:.0f}s",
                     flush=True,
                 )
             results.append(row)
@@ -161,21 +166,38 @@ def main(args: Args) -> None:
 
 
 def summarize(results: list[dict], flat: float | None) -> dict:
-    gains = [r["run"]["gain"]["mean"] for r in results]
-    summary: dict[str, Any] = {
-        "gain_mean": float(np.mean(gains)),
-        "gain_min": float(np.min(gains)),
-        "t_min": float(min(r["run"]["gain"]["t"] for r in results)),
-    }
-    if all("control" in r for r in results):
-        controls = [r["control"]["gain"]["mean"] for r in results]
-        summary["control_gain_mean"] = float(np.mean(controls))
-        summary["margin_paired"] = paired_gain(controls, gains) if len(gains) > 1 else None
+    """Across seeds, at the end and at every evaluation: the paired gains, their smallest t, the
+    controls' gains, and the margin of each run over its control on the same samples."""
+    room = None
     if flat is not None:
         room = float(np.mean([flat - r["run"]["start"] for r in results]))
-        summary["room"] = room
-        summary["fraction_of_room"] = summary["gain_mean"] / room if room else None
-    return summary
+    by_epoch = {}
+    for i, e in enumerate(results[0]["run"]["evals"][1:], start=1):
+        gains, controls, margins = [], [], []
+        for r in results:
+            start, now = r["run"]["evals"][0]["rewards"], r["run"]["evals"][i]["rewards"]
+            gains.append(paired_gain(start, now))
+            if "control" in r and i < len(r["control"]["evals"]):
+                control = r["control"]["evals"][i]["rewards"]
+                controls.append(paired_gain(start, control))
+                margins.append(paired_gain(control, now))
+        row: dict[str, Any] = {
+            "gain_mean": float(np.mean([g["mean"] for g in gains])),
+            "gain_min": float(min(g["mean"] for g in gains)),
+            "t_min": float(min(g["t"] for g in gains)),
+            "gains": [round(g["mean"], 4) for g in gains],
+            "t": [round(g["t"], 2) for g in gains],
+        }
+        if controls:
+            row["control_gain_mean"] = float(np.mean([c["mean"] for c in controls]))
+            row["control_gains"] = [round(c["mean"], 4) for c in controls]
+            row["margins"] = [round(m["mean"], 4) for m in margins]
+            row["margin_t"] = [round(m["t"], 2) for m in margins]
+        if room:
+            row["fraction_of_room"] = row["gain_mean"] / room
+        by_epoch[e["epoch"]] = row
+    end = by_epoch[max(by_epoch)]
+    return {"room": room, "end": end, "by_epoch": by_epoch}
 
 
 def plot(results: list[dict], path: Path, title: str) -> None:

@@ -15,9 +15,11 @@ faster one, and now and then tries the other again so that it notices when the l
 Sampling gives bit-identical results with any thread count; training's reductions may differ in
 the last bits, so a run that must reproduce bit for bit fixes the count (DDPO_THREADS=N).
 
-Settings, the user's always winning: DDPO_THREADS=N fixes N threads in every process of a run;
-otherwise OMP_NUM_THREADS=N does; otherwise the governor chooses between the count the driver
-gives each actor and one. `actor_env()` carries these variables to Ray actors on other nodes.
+Settings, the user's always winning, read in the driver's process (`role_threads`):
+DDPO_THREADS=N fixes N threads in every sampler and learner of a run; otherwise the driver's
+OMP_NUM_THREADS=N does; otherwise the governor chooses between the count the driver gives each
+actor and one. `actor_env()` carries these variables (and OMP_WAIT_POLICY, GOMP_SPINCOUNT,
+which OpenMP reads at start-up) to Ray actors on every node.
 """
 
 from __future__ import annotations
@@ -36,6 +38,15 @@ THREAD_ENV = ("DDPO_THREADS", "OMP_NUM_THREADS", "OMP_WAIT_POLICY", "GOMP_SPINCO
 def actor_env() -> dict[str, str]:
     """The thread settings of this process's environment, for a Ray actor's runtime_env."""
     return {name: os.environ[name] for name in THREAD_ENV if os.environ.get(name)}
+
+
+def role_threads(split: int) -> tuple[int, bool]:
+    """(threads, adaptive) for a sampler or learner, decided in the driver's process: the
+    user's fixed count if set, else adaptive between `split` (the driver's share of the cores)
+    and 1. Decided here, not in the actor, because Ray sets OMP_NUM_THREADS in every worker to
+    its CPU request (1), which must not pass for the user's choice."""
+    fixed = fixed_threads()
+    return (fixed, False) if fixed is not None else (split, True)
 
 
 def fixed_threads() -> int | None:
@@ -82,15 +93,6 @@ class ThreadGovernor:
         self.interval: dict[Hashable, int] = {}  # current probe interval, per key
         self.probing: dict[Hashable, bool] = {}  # is the step of this key under way a probe?
         self.used: dict[int, int] = {}  # thread count -> steps run with it (for metrics)
-
-    @classmethod
-    def for_role(cls, threads: int | None, device: str = "cpu") -> ThreadGovernor:
-        """The governor of a sampler or learner: the user's fixed count if set, else adaptive
-        between `threads` and 1 (on CPU only: GPU steps are not timed by the wall clock)."""
-        fixed = fixed_threads()
-        if fixed is not None:
-            return cls(fixed, adaptive=False)
-        return cls(threads, adaptive=device == "cpu")
 
     def choose(self, key: Hashable) -> int:
         """The thread count for the next step of `key`."""

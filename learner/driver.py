@@ -29,6 +29,7 @@ from ddpo.config import Config
 from ddpo.images import save_grid
 from ddpo.lora import save_lora
 from ddpo.policy import resolve_model
+from ddpo.threads import role_threads
 from learner import checkpoint
 from learner.async_driver import run_async
 from learner.checkpoint import Checkpoint
@@ -165,8 +166,8 @@ class Driver:
         # the cores so that torch never runs more threads than there are cores.
         threads = os.cpu_count() or 1
         busy_together = config.num_samplers + (config.mode == "async")
-        sampler_threads = max(1, threads // busy_together)
-        learner_threads = sampler_threads if config.mode == "async" else threads
+        sampler_threads, adaptive = role_threads(max(1, threads // busy_together))
+        learner_threads, _ = role_threads(sampler_threads if config.mode == "async" else threads)
         gpu = config.device.startswith("cuda")
         create = self.wiring.create
         self.samplers = [
@@ -175,6 +176,7 @@ class Driver:
                 config,
                 i,
                 sampler_threads,
+                adaptive,
                 options=role_options("sampler", gpu, weights_group=config.mode == "async"),
             )
             for i in range(config.num_samplers)
@@ -203,7 +205,7 @@ class Driver:
         self.resumes = 0  # learners replaced from a checkpoint (--auto-resume)
         self.restored: dict[str, Any] = {}  # the driver state of the checkpoint resumed from
         self.make_learner = lambda: create(
-            Learner, config, learner_threads, options=role_options("learner", gpu)
+            Learner, config, learner_threads, None, adaptive, options=role_options("learner", gpu)
         )
         self.learner = self.make_learner()
         self.tracker = PerPromptStatTracker(

@@ -21,7 +21,13 @@ UPDATE_METRICS = ("loss", "approx_kl", "clipfrac", "dualclipfrac", "grad_norm")
 class Learner:
     """Owns the trainable policy; `update` consumes trajectories and advantages, bumps the version."""
 
-    def __init__(self, config: Config, threads: int | None = None, policy: Policy | None = None):
+    def __init__(
+        self,
+        config: Config,
+        threads: int | None = None,
+        policy: Policy | None = None,
+        adaptive_threads: bool = False,
+    ):
         self.config = config
         cfg = config.train
         self.policy = policy or Policy(
@@ -35,7 +41,9 @@ class Learner:
             lora_targets=cfg.lora_targets,
         )
         # Threads per training step, measured (ddpo.threads), set again at every step.
-        self.policy.threads = ThreadGovernor.for_role(threads, config.device)
+        self.policy.threads = ThreadGovernor(
+            threads, adaptive=adaptive_threads and config.device == "cpu"
+        )
         self.optimizer = torch.optim.AdamW(
             self.policy.trainable_parameters(),
             lr=cfg.learning_rate,

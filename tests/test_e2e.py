@@ -19,13 +19,14 @@ from ddpo.config import task_config
 from learner.driver import Driver
 from learner.evaluation import ShuffledDriver, paired_gain, read_evals
 
-EPOCHS = 30
-# Measured with this preset (BENCHMARKS.md, "Learning"): after 30 epochs the paired gain on the
-# 48 evaluation samples is +0.034 to +0.039 kB with t 5.5 on seeds 0 and 1 (one process), and
-# the shuffled control of seed 0 is below it on the same samples. Thread counts change the
-# last bits of training, so the thresholds leave room: t >= 3 for the gain and for the
-# run-over-control margin.
-MIN_T = 3.0
+EPOCHS = 30  # the preset's
+# Measured on this preset (BENCHMARKS.md, "Learning", one process): after 30 epochs the paired
+# gain on the 48 evaluation samples had t 3.7 to 6.5 on every seed, and the margin of the run
+# over its shuffled control (paired, the same samples) t 2.9 to 5.9. With a fixed thread count
+# (tests set DDPO_THREADS) the run is deterministic, so these thresholds are checked against one
+# draw: the gain t >= 3, the margin over the control t >= 2.
+MIN_T_GAIN = 3.0
+MIN_T_MARGIN = 2.0
 
 
 def run(run_dir, epochs, learning_rate=None, shuffled=False):
@@ -60,7 +61,7 @@ def test_demo_preset_learns_against_shuffled_and_lr0_controls(ray_instance, tmp_
     assert evals[-1]["policy_version"] == EPOCHS
     start, end = evals[0]["rewards"], evals[-1]["rewards"]
     gain = paired_gain(start, end)
-    assert gain["mean"] > 0 and gain["t"] >= MIN_T, gain
+    assert gain["mean"] > 0 and gain["t"] >= MIN_T_GAIN, gain
 
     # Shuffled advantages: the same samples (bit for bit at the start), as much movement, no
     # signal. The trained weights beat the control's on the same samples.
@@ -68,7 +69,7 @@ def test_demo_preset_learns_against_shuffled_and_lr0_controls(ray_instance, tmp_
     assert shuffled[0]["rewards"] == start
     control = paired_gain(start, shuffled[-1]["rewards"])
     margin = paired_gain(shuffled[-1]["rewards"], end)
-    assert margin["mean"] > 0 and margin["t"] >= MIN_T, (gain, control, margin)
+    assert margin["mean"] > 0 and margin["t"] >= MIN_T_MARGIN, (gain, control, margin)
 
     # lr 0: the weights never move, so 2 epochs show it as well as 30.
     _, frozen = run(tmp_path / "frozen", 2, learning_rate=0.0)

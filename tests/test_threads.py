@@ -5,7 +5,7 @@ from collections import Counter
 
 import pytest
 
-from ddpo.threads import ThreadGovernor, actor_env, fixed_threads
+from ddpo.threads import ThreadGovernor, actor_env, fixed_threads, role_threads
 
 
 class FakeMachine:
@@ -63,15 +63,14 @@ def test_fixed_counts_are_not_adapted(monkeypatch):
     governor = make(machine, adaptive=False)
     assert machine.run(governor, 20) == Counter({2: 20})
     assert governor.share() == {"threads/2": 1.0}
+    # Decided in the driver's process, from the user's environment.
     monkeypatch.setenv("DDPO_THREADS", "3")
-    role = ThreadGovernor.for_role(2)
-    assert (role.max_threads, role.adaptive) == (3, False)
+    assert role_threads(2) == (3, False)
     monkeypatch.setenv("DDPO_THREADS", "auto")
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
-    assert fixed_threads() is None and ThreadGovernor.for_role(2).adaptive
-    assert not ThreadGovernor.for_role(2, device="cuda").adaptive
+    assert fixed_threads() is None and role_threads(2) == (2, True)
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    assert fixed_threads() == 1
+    assert role_threads(2) == (1, False)
     monkeypatch.setenv("DDPO_THREADS", "two")
     with pytest.raises(ValueError, match="DDPO_THREADS='two'"):
         fixed_threads()
