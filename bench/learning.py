@@ -216,7 +216,10 @@ def plot(results: list[dict], path: Path, title: str) -> None:
             ax.plot(ctrl[:, 0], ctrl[:, 1], color=colour, linestyle="--", alpha=0.7)
     ax.set_xlabel("epoch")
     ax.set_ylabel("evaluation reward (fixed samples)")
-    ax.set_title(f"{title}\nsolid: DDPO-IS, dashed: shuffled-advantage control", fontsize=9)
+    import textwrap
+
+    heading = textwrap.fill(title, 90) + "\nsolid: DDPO-IS, dashed: shuffled-advantage control"
+    ax.set_title(heading, fontsize=8)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()

@@ -16,7 +16,8 @@ Sampling gives bit-identical results with any thread count; training's reduction
 the last bits, so a run that must reproduce bit for bit fixes the count (DDPO_THREADS=N).
 
 Settings, the user's always winning, read in the driver's process (`role_threads`):
-DDPO_THREADS=N fixes N threads in every sampler and learner of a run; otherwise the driver's
+DDPO_THREADS=N fixes N threads in every sampler and learner of a run, DDPO_THREADS=fixed the
+driver's share of the cores (both make training bit-reproducible); otherwise the driver's
 OMP_NUM_THREADS=N does; otherwise the governor chooses between the count the driver gives each
 actor and one. `actor_env()` carries these variables (and OMP_WAIT_POLICY, GOMP_SPINCOUNT,
 which OpenMP reads at start-up) to Ray actors on every node.
@@ -42,9 +43,12 @@ def actor_env() -> dict[str, str]:
 
 def role_threads(split: int) -> tuple[int, bool]:
     """(threads, adaptive) for a sampler or learner, decided in the driver's process: the
-    user's fixed count if set, else adaptive between `split` (the driver's share of the cores)
-    and 1. Decided here, not in the actor, because Ray sets OMP_NUM_THREADS in every worker to
-    its CPU request (1), which must not pass for the user's choice."""
+    user's count if set; with DDPO_THREADS=fixed, `split` (the driver's share of the cores)
+    never adapted; else adaptive between `split` and 1. Decided here, not in the actor, because
+    Ray sets OMP_NUM_THREADS in every worker to its CPU request (1), which must not pass for the
+    user's choice."""
+    if os.environ.get("DDPO_THREADS", "").strip().lower() == "fixed":
+        return split, False
     fixed = fixed_threads()
     return (fixed, False) if fixed is not None else (split, True)
 
@@ -53,7 +57,7 @@ def fixed_threads() -> int | None:
     """The thread count the user fixed (DDPO_THREADS, else OMP_NUM_THREADS), or None."""
     for name in ("DDPO_THREADS", "OMP_NUM_THREADS"):
         value = os.environ.get(name, "").strip()
-        if value and value.lower() != "auto":
+        if value and value.lower() not in ("auto", "fixed"):
             try:
                 threads = int(value)
             except ValueError:

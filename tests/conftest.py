@@ -7,9 +7,9 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # Two cores: one intra-op thread per process keeps Ray workers and pytest from oversubscribing.
 torch.set_num_threads(int(os.environ.get("DDPO_TEST_THREADS", "2")))
-# A fixed thread count in every process of a test run (Ray actors get it through actor_env):
-# the bit-exact resume tests need it, since training's reductions differ across thread counts.
-os.environ.setdefault("DDPO_THREADS", os.environ.get("DDPO_TEST_THREADS", "2"))
+# Fixed thread counts (the driver's split of the cores, never adapted): the bit-exact resume
+# tests need them, since training's reductions differ across thread counts.
+os.environ.setdefault("DDPO_THREADS", "fixed")
 
 
 @pytest.fixture(scope="session")

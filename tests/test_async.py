@@ -56,11 +56,14 @@ def test_async_needs_ray(small_config):
         train(small_config(mode="async", epochs=1), InProcess())
 
 
+UPDATES = 8
+
+
 @pytest.mark.slow
 def test_async_run_of_the_tiny_preset_trains_every_update_within_its_staleness(
     ray_instance, tmp_path
 ):
-    """The tiny compressibility preset in async mode (K = 1) for 15 updates: every update trains
+    """The tiny compressibility preset in async mode (K = 1) for 8 updates: every update trains
     num_batches_per_epoch batches at most K versions old, versions advance one per update, the
     accounting balances, and training moved the fixed evaluation samples' reward.
 
@@ -71,19 +74,19 @@ def test_async_run_of_the_tiny_preset_trains_every_update_within_its_staleness(
     config = dataclasses.replace(
         task_config("compressibility", "tiny"),
         mode="async",
-        epochs=15,
+        epochs=UPDATES,
         max_staleness=1,
         run_dir=tmp_path,
     )
     history = train(config)
     nb = config.sample.num_batches_per_epoch
-    assert [r["policy_version"] for r in history] == list(range(15))
+    assert [r["policy_version"] for r in history] == list(range(UPDATES))
     assert all(r["staleness_max"] <= 1 for r in history)
     assert all(
         sum(v for k, v in r.items() if k.startswith("staleness/hist/")) == nb for r in history
     )
     totals = json.loads((tmp_path / "accounting.json").read_text())
-    assert totals["batches_trained"] == 15 * nb
+    assert totals["batches_trained"] == UPDATES * nb
     assert totals["batches_sampled"] == sum(
         totals.get(k, 0)
         for k in (
@@ -94,7 +97,7 @@ def test_async_run_of_the_tiny_preset_trains_every_update_within_its_staleness(
         )
     )
     evals = [json.loads(s) for s in (tmp_path / "eval.jsonl").read_text().splitlines()]
-    assert evals[-1]["policy_version"] == 15
+    assert evals[-1]["policy_version"] == UPDATES
     assert evals[-1]["reward_mean"] != evals[0]["reward_mean"]
 
 

@@ -83,8 +83,10 @@ def test_model_card(trained, tmp_path):
     assert "jpeg_compressibility" in card
     assert "| first reward | -3 |" in card and "| last reward | -1 |" in card
     assert "| best epoch | 2 |" in card
-    assert "num_inference_steps=20, guidance_scale=5.0, eta=1.0" in card
-    assert '"learning_rate": 0.01' in card  # the config
+    config = task_config("compressibility", "tiny")  # what the fake run's config.json holds
+    steps, lr = config.sample.num_steps, config.train.learning_rate
+    assert f"num_inference_steps={steps}, guidance_scale=5.0, eta=1.0" in card
+    assert f'"learning_rate": {lr}' in card  # the config
     assert "![reward_curve.png](reward_curve.png)" in card
     assert (tmp_path / "reward_curve.png").stat().st_size > 1000
     with pytest.raises(ExportError, match="exists; pass --overwrite"):

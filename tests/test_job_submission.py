@@ -28,6 +28,8 @@ from pathlib import Path
 
 import pytest
 
+from ddpo.config import task_config
+
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent  # the venv's `ray` and `python`
 pytestmark = pytest.mark.slow  # about 75 s on 2 cores
@@ -161,7 +163,8 @@ def test_tiny_run_submitted_with_ray_job_submit(head, tmp_path):
     lines = (run_dir / "metrics.jsonl").read_text().splitlines()
     assert len(lines) == 1
     record = json.loads(lines[0])
-    assert record["epoch"] == 0 and record["samples"] == 32
+    preset = task_config("compressibility", "tiny")
+    assert record["epoch"] == 0 and record["samples"] == preset.samples_per_epoch
     assert -10 < record["reward_mean"] < 0  # -JPEG kB of 32x32 images
     config = json.loads((run_dir / "config.json").read_text())
     assert (config["task"], config["model"], config["epochs"]) == ("compressibility", "tiny", 1)

@@ -66,6 +66,8 @@ def test_fixed_counts_are_not_adapted(monkeypatch):
     # Decided in the driver's process, from the user's environment.
     monkeypatch.setenv("DDPO_THREADS", "3")
     assert role_threads(2) == (3, False)
+    monkeypatch.setenv("DDPO_THREADS", "fixed")  # the driver's split, not adapted
+    assert role_threads(2) == (2, False) and fixed_threads() is None
     monkeypatch.setenv("DDPO_THREADS", "auto")
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     assert fixed_threads() is None and role_threads(2) == (2, True)
