@@ -72,7 +72,7 @@ class ThreadGovernor:
     """Sets torch's thread count before each step: the faster of `max_threads` and 1, measured.
 
     `with governor.step(key): ...` around one unit of repeated work; steps with the same key
-    (e.g. ("sample", batch size)) are compared with each other. torch's thread count belongs to
+    (e.g. ("denoise", batch size)) are compared with each other. torch's thread count belongs to
     the OS thread, so it is set again at every step. `max_threads=None` sets nothing.
     """
 
