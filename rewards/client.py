@@ -5,10 +5,11 @@ what may get better and failing at once on what will not.
     fn = RemoteReward("http://127.0.0.1:8085", token)      # a reward function, requests split
     rewards, info = fn(images, prompts)
 
-A timeout, a refused or reset connection and a 5xx answer are retried with exponential backoff;
-after the last attempt `RewardUnavailable` says which service, how many attempts and the last
-error. A 4xx answer (wrong token, malformed or oversized request) raises `RewardServiceError`
-at once: sending the same request again would get the same answer.
+A timeout, a refused or reset connection, a 408 (the request arrived too slowly) and a 5xx
+answer are retried with exponential backoff; after the last attempt `RewardUnavailable` says
+which service, how many attempts and the last error. Any other 4xx answer (wrong token,
+malformed or oversized request) raises `RewardServiceError` at once: sending the same request
+again would get the same answer.
 """
 
 from __future__ import annotations
@@ -76,7 +77,7 @@ def _post_with_retries(
         try:
             return _post(url, body, token, timeout)
         except RewardServiceError as err:
-            if err.status < 500:  # the request itself is wrong: it will not get better
+            if err.status < 500 and err.status != 408:  # the request is wrong: it stays wrong
                 raise
             error: Exception = err
         # OSError: refused, reset, timed out (TimeoutError, URLError); HTTPException: a cut reply
@@ -142,12 +143,13 @@ def health(url: str, timeout: float = 10.0) -> dict:
 
 
 class RemoteReward:
-    """A reward function backed by a reward service; requests of at most `max_images` each.
+    """A reward function backed by a reward service; requests of at most `max_images` images
+    and `max_pixels` pixels each (the service's --max-images and --max-request-pixels).
 
     timeout: seconds one attempt may wait to connect or for the reply. The service scores one
     request at a time, so a reply may wait behind other workers' requests: leave room for them
     (LLaVA scores 64 images in tens of seconds). retries: attempts after the first, on a
-    timeout, a connection error or a 5xx answer; backoff: seconds before the first retry,
+    timeout, a connection error, a 408 or a 5xx answer; backoff: seconds before the first retry,
     doubled before each next one up to max_backoff.
     """
 
@@ -160,30 +162,33 @@ class RemoteReward:
         retries: int = 3,
         backoff: float = 0.5,
         max_backoff: float = 10.0,
+        max_pixels: int = Limits.max_request_pixels,
     ):
         if timeout <= 0 or retries < 0 or backoff < 0 or max_backoff < 0:
             raise ValueError(
                 f"timeout={timeout}, retries={retries}, backoff={backoff}, "
                 f"max_backoff={max_backoff}: use timeout > 0 and the others >= 0"
             )
-        self.url, self.token, self.max_images = url, token, max_images
+        self.url, self.token = url, token
+        self.max_images, self.max_pixels = max_images, max_pixels
         self.timeout, self.retries = timeout, retries
         self.backoff, self.max_backoff = backoff, max_backoff
 
     def __call__(self, images: np.ndarray, prompts: list[str]) -> tuple[np.ndarray, dict]:
         from rewards import concat_infos
 
+        n = max(1, min(self.max_images, self.max_pixels // (images.shape[1] * images.shape[2])))
         parts = [
             score_remote(
                 self.url,
-                images[i : i + self.max_images],
-                prompts[i : i + self.max_images],
+                images[i : i + n],
+                prompts[i : i + n],
                 self.token,
                 timeout=self.timeout,
                 retries=self.retries,
                 backoff=self.backoff,
                 max_backoff=self.max_backoff,
             )
-            for i in range(0, len(images), self.max_images)
+            for i in range(0, len(images), n)
         ]
         return np.concatenate([r for r, _ in parts]), concat_infos([info for _, info in parts])

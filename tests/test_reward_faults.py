@@ -130,8 +130,8 @@ def test_timeouts_are_retried_then_unavailable(service, caplog):
     assert len([r for r in caplog.records if "retrying" in r.getMessage()]) == 2
 
 
-@pytest.mark.parametrize("status", [503, 500])
-def test_a_5xx_is_retried_and_the_next_answer_used(service, caplog, status):
+@pytest.mark.parametrize("status", [503, 500, 408])
+def test_a_5xx_or_408_is_retried_and_the_next_answer_used(service, caplog, status):
     server = service([status, OK])
     remote = RemoteReward(server.url, "token", timeout=30, **FAST)
     b = batch()
