@@ -153,6 +153,12 @@ class Config:
     """Stop the run when this many batches in a row had a non-finite (or failed) reward."""
     restart_wait_s: float = 600.0
     """How long to wait for a lost sampler to restart (on a node with room) before stopping."""
+    pending_report_s: float = 30.0
+    """While actors of the run wait for resources, say every this many seconds which ones, what
+    they ask for and what the cluster has free."""
+    pending_timeout_s: float = 300.0
+    """Stop when actors have not started after this many seconds on a cluster that no autoscaler
+    can grow (0: wait on). With an autoscaler the run waits for its nodes, saying so."""
     grid_prompts: int = 4
     """Fixed prompts (the first of the set) in the image grids and evaluations."""
     grid_seeds: int = 4
@@ -178,6 +184,11 @@ class Config:
             )
         if self.auto_resume and not self.save_every:
             raise ValueError("auto_resume needs checkpoints: set save_every >= 1")
+        if self.pending_report_s <= 0 or self.pending_timeout_s < 0:
+            raise ValueError(
+                f"pending_report_s={self.pending_report_s} must be > 0 and pending_timeout_s="
+                f"{self.pending_timeout_s} >= 0 (0: wait on)"
+            )
         if self.num_samplers < 1:
             raise ValueError(f"num_samplers={self.num_samplers} must be at least 1")
         if self.sample.num_batches_per_epoch % self.num_samplers:

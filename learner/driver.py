@@ -204,8 +204,9 @@ class Driver:
         self.start_epoch = 0  # where the epoch loop starts (> 0 after a resume)
         self.resumes = 0  # learners replaced from a checkpoint (--auto-resume)
         self.restored: dict[str, Any] = {}  # the driver state of the checkpoint resumed from
+        learner_options = role_options("learner", gpu, takes_turns=config.mode == "sync")
         self.make_learner = lambda: create(
-            Learner, config, learner_threads, None, adaptive, options=role_options("learner", gpu)
+            Learner, config, learner_threads, None, adaptive, options=learner_options
         )
         self.learner = self.make_learner()
         self.tracker = PerPromptStatTracker(
@@ -430,6 +431,7 @@ class Driver:
             ckpt.path,
         )
         self.learner = self.make_learner()
+        self.wait_started({"learner": self.learner})
         self.restore(ckpt)
 
     def grid(self, when: int | str, image: bool = True) -> dict:
@@ -505,6 +507,7 @@ class Driver:
     def run(self) -> list[dict]:
         """Run `config.epochs` sync DDPO epochs; return the per-epoch metrics."""
         try:
+            self.wait_started(self.actors())
             if self.config.mode == "async":
                 if not isinstance(self.wiring, OnRay):
                     raise ValueError("--mode async runs on Ray only; drop --in-process")
@@ -518,10 +521,22 @@ class Driver:
                 write_report(self.run_dir)
             self.shutdown()
 
+    def actors(self) -> dict[str, Any]:
+        """The run's actors by name: samplers, the learner, every reward pool's actors."""
+        actors = {f"sampler {i}": s for i, s in enumerate(self.samplers)}
+        actors["learner"] = self.learner
+        for name, pool in self.pools.items():
+            actors |= {f"reward actor {name} {i}": a for i, a in enumerate(pool.actors)}
+        return actors
+
+    def wait_started(self, actors: dict[str, Any]) -> None:
+        """Wait for these actors to start, saying what holds them back (`learner.pending`)."""
+        c = self.config
+        self.wiring.wait_started(actors, c.pending_report_s, c.pending_timeout_s)
+
     def shutdown(self) -> None:
         """End the run's actors (they would outlive a failed run on a shared cluster)."""
-        actors = [*self.samplers, self.learner, *(a for p in self.pools.values() for a in p.actors)]
-        for actor in actors:
+        for actor in self.actors().values():
             try:
                 self.wiring.kill(actor)
             except Exception as err:  # already gone

@@ -18,3 +18,7 @@ class LearnerLost(RuntimeError):
 
 class RewardBroken(RuntimeError):
     """Too many batches in a row had non-finite or failed rewards."""
+
+
+class ActorsPending(RuntimeError):
+    """Actors of the run could not start: no node has room for them and none can be added."""

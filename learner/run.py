@@ -24,7 +24,7 @@ from ddpo.config import Config, read_prompt_file, task_config
 from learner import checkpoint
 from learner.checkpoint import Checkpoint
 from learner.driver import Driver, checked_log_cuts, train  # noqa: F401  (Driver: the API)
-from learner.errors import LearnerLost, RewardBroken
+from learner.errors import ActorsPending, LearnerLost, RewardBroken
 from learner.evaluation import paired_gain, read_evals
 from learner.wiring import InProcess
 
@@ -48,6 +48,9 @@ class Args:
     seed: int = 0
     address: str | None = None
     """Ray cluster to join (e.g. auto); default starts a local Ray instance."""
+    pending_timeout: float | None = None
+    """Stop if actors cannot start for this many seconds on a cluster that no autoscaler can
+    grow (default 300; 0 waits on); every 30 s the run says what they wait for."""
     num_samplers: int = 1
     """Sampler actors."""
     mode: Literal["sync", "async"] = "sync"
@@ -93,7 +96,7 @@ class Args:
 
 RESUME_FLAGS = {
     "resume", "epochs", "address", "in_process", "metrics_port", "metrics_host", "grid_every",
-    "eval_every",
+    "eval_every", "pending_timeout",
     "tensorboard", "save_every", "keep_checkpoints", "auto_resume",
 }  # fmt: skip
 """What --resume may change; everything else comes from the run's checkpoint."""
@@ -138,6 +141,8 @@ def run_options(args: Args) -> dict:
         options["save_every"] = args.save_every
     if args.keep_checkpoints is not None:
         options["keep_checkpoints"] = args.keep_checkpoints
+    if args.pending_timeout is not None:
+        options["pending_timeout_s"] = args.pending_timeout
     return options
 
 
@@ -183,6 +188,9 @@ def main(argv: list[str] | None = None) -> None:
         history = train(config, InProcess() if args.in_process else None, ckpt)
     except (LearnerLost, RewardBroken) as err:
         sys.exit(f"error: {err}")
+    except ActorsPending as err:  # the cluster cannot hold the run: nothing ran, fix and rerun
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
     if history:
         first, last = history[0], history[-1]
         print(

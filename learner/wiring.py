@@ -8,6 +8,7 @@ import os
 from typing import Any
 
 from ddpo.threads import actor_env
+from learner.pending import wait_started
 
 log = logging.getLogger("learner.run")
 
@@ -33,6 +34,9 @@ class InProcess:
     def get_ready(self, refs: list, timeout: float) -> list:
         return refs
 
+    def wait_started(self, actors: dict[str, Any], report_s: float, timeout_s: float) -> None:
+        pass  # created when `create` returned
+
     def kill(self, handle: Any) -> None:
         pass
 
@@ -49,6 +53,7 @@ class OnRay:
         # A result that lived on a lost node (and cannot be recomputed) raises these.
         self.lost_errors = (ray.exceptions.ObjectLostError,)
         self.timeout_errors = (ray.exceptions.GetTimeoutError,)
+        self.requests: dict[Any, dict[str, float]] = {}  # actor -> the resources it asks for
         # Inside `ray job submit` RAY_ADDRESS names the cluster: join it.
         address = address or os.environ.get("RAY_ADDRESS")
         self.joined = bool(address)
@@ -90,7 +95,10 @@ class OnRay:
             if groups
             else self.ray.remote(cls)
         )
-        return actor_cls.options(**options, resources=resources).remote(*args)
+        handle = actor_cls.options(**options, resources=resources).remote(*args)
+        asked = {"CPU": options.get("num_cpus", 1), "GPU": options.get("num_gpus", 0)}
+        self.requests[handle] = {k: v for k, v in (asked | resources).items() if v}
+        return handle
 
     def call(
         self, handle: Any, method: str, *args: Any, num_returns: int = 1, group: str | None = None
@@ -108,7 +116,15 @@ class OnRay:
         ready, _ = self.ray.wait(refs, num_returns=len(refs), timeout=timeout)
         return self.ray.get(ready)
 
+    def wait_started(self, actors: dict[str, Any], report_s: float, timeout_s: float) -> None:
+        """Wait until every actor of `actors` ({name: handle}) has started; say every `report_s`
+        what the waiting ones lack, and stop after `timeout_s` if nothing can give it to them
+        (`learner.pending`)."""
+        asked = {name: (h, self.requests.get(h, {})) for name, h in actors.items()}
+        wait_started(self.ray, asked, report_s, timeout_s, joined=self.joined)
+
     def kill(self, handle: Any) -> None:
+        self.requests.pop(handle, None)
         self.ray.kill(handle)
 
 
@@ -118,14 +134,21 @@ ROLE_SHARE = 0.001
 it, the CPU/GPU request how many fit on one node."""
 
 
-def role_options(role: str, gpu: bool, weights_group: bool = False) -> dict[str, Any]:
+def role_options(
+    role: str, gpu: bool, weights_group: bool = False, takes_turns: bool = False
+) -> dict[str, Any]:
     """Ray options of a sampler or learner actor: its role resource, and one GPU on GPU runs.
 
     weights_group (async samplers): a `weights` concurrency group, so that new weights arrive
     during a long sample call. Without it (sync) every method runs on the actor's main thread,
     which matters on CPU: torch's OpenMP threads started from a pool thread ran the tiny model
-    2.2x slower than from the main thread (bench/overhead.py, BENCHMARKS.md)."""
-    options = {"num_cpus": 1, "num_gpus": 1 if gpu else 0, "resources": {role: ROLE_SHARE}}
+    2.2x slower than from the main thread (bench/overhead.py, BENCHMARKS.md).
+
+    takes_turns (the sync learner): it trains only while the samplers wait, so it asks for no
+    CPU of its own: on one machine it uses theirs (2 cores hold a sampler, a reward actor and
+    the learner). In async mode it trains beside them and asks for one."""
+    cpus = 0 if takes_turns else 1
+    options = {"num_cpus": cpus, "num_gpus": 1 if gpu else 0, "resources": {role: ROLE_SHARE}}
     if role == "sampler" and weights_group:
         options["concurrency_groups"] = {"weights": 1}
     if role == "sampler":

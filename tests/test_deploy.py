@@ -148,6 +148,9 @@ class RecordingWiring:
         self.actors.append((cls.__name__, dict(options or {"num_cpus": 1})))  # OnRay's default
         return cls.__name__
 
+    def wait_started(self, actors, report_s, timeout_s):
+        pass
+
     def call(self, *args, **kwargs):
         raise _Stop
 

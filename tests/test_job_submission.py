@@ -11,16 +11,19 @@ group: `ray stop` would stop every Ray instance on the machine, other people's i
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 import secrets
+import shlex
 import shutil
 import signal
 import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -32,7 +35,7 @@ from ddpo.config import task_config
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent  # the venv's `ray` and `python`
-pytestmark = pytest.mark.slow  # about 75 s on 2 cores
+pytestmark = pytest.mark.slow  # about 2 minutes on 2 cores
 
 PROBE = """
 import time
@@ -90,9 +93,39 @@ def stop_head(proc: subprocess.Popen, temp: Path) -> None:
             pass
 
 
-@pytest.fixture(scope="module")
-def head():
-    """A local head with token auth, the role resources of cluster.yaml and a metrics port."""
+def documented_commands() -> tuple[list[str], list[str]]:
+    """The `ray start` and `ray job submit` command lines of deploy/README.md, "On one machine",
+    without their leading VAR=value (the environment here sets them)."""
+    section = (ROOT / "deploy" / "README.md").read_text().split("## On one machine", 1)[1]
+    block = re.search(r"```bash\n(.*?)```", section, re.S)
+    assert block, "deploy/README.md: no bash block under 'On one machine'"
+    lines = block[1].replace("\\\n", " ").splitlines()
+    found = []
+    for command in ("ray start", "ray job submit"):
+        words = shlex.split(next(line for line in lines if command in line))
+        assert all(w == "RAY_AUTH_MODE=token" for w in words[: words.index("ray")])
+        found.append(words[words.index("ray") + 1 :])
+    return found[0], found[1]
+
+
+def with_value(words: list[str], flag: str, value: str) -> list[str]:
+    """words with `flag`'s value replaced (`--flag=v` or `--flag v`)."""
+    out = list(words)
+    for i, word in enumerate(out):
+        if word.startswith(f"{flag}="):
+            out[i] = f"{flag}={value}"
+            return out
+        if word == flag:
+            out[i + 1] = value
+            return out
+    raise AssertionError(f"the documented command has no {flag}: {words}")
+
+
+@contextlib.contextmanager
+def started_head(extra: tuple[str, ...] = ()):
+    """The documented head, with token auth: its flags as deploy/README.md gives them, but free
+    ports, its own temp dir and the loopback address (so that it leaves other Ray instances on
+    this machine alone), plus `extra`."""
     temp = Path(tempfile.mkdtemp(prefix="ddpo-ray-", dir="/tmp"))  # short: unix socket paths
     gcs, dashboard, metrics = free_port(), free_port(), free_port()
     env = {
@@ -103,17 +136,15 @@ def head():
         "RAY_USAGE_STATS_ENABLED": "0",
         "OMP_NUM_THREADS": "1",
     }
-    resources = {"sampler": 1, "learner": 1, "reward_jpeg_compressibility": 1}
+    start, _ = documented_commands()
+    start = with_value(start, "--dashboard-port", str(dashboard))
+    start = with_value(start, "--metrics-export-port", str(metrics))
     log = (temp / "head.log").open("w")
     proc = subprocess.Popen(
         [
-            str(BIN / "ray"), "start", "--head", "--block",
-            f"--port={gcs}", "--node-ip-address=127.0.0.1",
-            "--num-cpus=4",  # logical: sampler, reward worker and learner take one each
-            f"--resources={json.dumps(resources)}",
-            "--include-dashboard=true", "--dashboard-host=127.0.0.1",
-            f"--dashboard-port={dashboard}", f"--metrics-export-port={metrics}",
-            f"--temp-dir={temp}", "--disable-usage-stats",
+            str(BIN / "ray"), *start, "--block", f"--port={gcs}",
+            "--node-ip-address=127.0.0.1", "--include-dashboard=true",
+            "--dashboard-host=127.0.0.1", f"--temp-dir={temp}", "--disable-usage-stats", *extra,
         ],
         env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=temp,
     )  # fmt: skip
@@ -124,11 +155,25 @@ def head():
             if proc.poll() is not None or time.time() > deadline:
                 raise RuntimeError(f"ray head did not start:\n{(temp / 'head.log').read_text()}")
             time.sleep(2)
-        yield {"address": address, "env": env, "metrics_port": metrics, "temp": temp}
+        yield {
+            "address": address,
+            "gcs": f"127.0.0.1:{gcs}",
+            "env": env,
+            "metrics_port": metrics,
+            "temp": temp,
+        }
     finally:
         stop_head(proc, temp)
         log.close()
         shutil.rmtree(temp, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def head():
+    """The head of deploy/README.md's "On one machine", as a user starts it: as many logical
+    CPUs as the machine has cores (2 in CI), the role resources, a metrics port."""
+    with started_head() as started:
+        yield started
 
 
 def test_dashboard_and_job_api_need_the_token(head):
@@ -147,14 +192,13 @@ def test_dashboard_and_job_api_need_the_token(head):
 
 
 def test_tiny_run_submitted_with_ray_job_submit(head, tmp_path):
+    """deploy/README.md's `ray job submit`, word for word but for the address and run dir."""
     run_dir = tmp_path / "run"
+    _, submit = documented_commands()
+    submit = with_value(submit, "--address", head["address"])
+    submit = with_value(submit, "--run-dir", str(run_dir))
     start = time.time()
-    job = ray_cli(
-        "job", "submit", "--address", head["address"], "--",
-        "python", "-m", "learner.run", "--task", "compressibility", "--model", "tiny",
-        "--epochs", "1", "--run-dir", str(run_dir), "--address", "auto",
-        env=head["env"], timeout=540,
-    )  # fmt: skip
+    job = ray_cli(*submit, env=head["env"], timeout=540)
     seconds = time.time() - start
     assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-3000:]
     assert re.search(r"Job '\S+' succeeded", job.stdout + job.stderr)
@@ -221,3 +265,42 @@ def test_actor_metrics_reach_prometheus_under_the_dashboards_names(head, tmp_pat
     discovery = json.loads((head["temp"] / PROMETHEUS_SERVICE_DISCOVERY_FILE).read_text())
     ports = {t.rpartition(":")[2] for group in discovery for t in group["targets"]}
     assert str(head["metrics_port"]) in ports  # listed under the node's IP
+
+
+def test_a_head_too_small_for_the_run_says_what_is_missing_and_stops(tmp_path):
+    """An async run needs a logical CPU for each of its sampler, reward actor and learner: on a
+    head with 2, one of them cannot start. The driver says so within a minute and, with no
+    autoscaler to add a node, stops after --pending-timeout with one line naming the fix."""
+    with started_head(extra=("--num-cpus=2",)) as small:
+        start = time.time()
+        driver = subprocess.Popen(
+            [
+                sys.executable, "-m", "learner.run", "--task", "compressibility", "--model",
+                "tiny", "--mode", "async", "--run-dir", str(tmp_path / "run"),
+                "--address", small["gcs"], "--pending-timeout", "35",
+            ],
+            env=small["env"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        )  # fmt: skip
+        lines: list[tuple[float, str]] = []  # (seconds since the start, line)
+        reader = threading.Thread(
+            target=lambda: lines.extend((time.time() - start, x.rstrip()) for x in driver.stdout)
+        )
+        reader.start()
+        try:
+            status = driver.wait(timeout=150)
+        finally:
+            driver.kill()
+            reader.join(timeout=10)
+    output = "\n".join(line for _, line in lines)
+    reported = next((t for t, line in lines if "actors not started after" in line), None)
+    assert reported is not None and reported < 60, output
+    assert re.search(
+        r"asks for \{CPU: 1, (learner|sampler|reward_\w+): 0.001\}: its CPU is taken", output
+    )
+    assert "the cluster has CPU 2 (0 free)" in output
+    assert "no autoscaler can add a node to this cluster" in output
+    assert status == 2, output
+    last = lines[-1][1]
+    assert last.startswith("error: 1 actor could not start in 3"), output
+    assert "start Ray with 3 logical CPUs (ray start --head --num-cpus=3" in last
+    print(f"pending report after {reported:.0f}s, stopped after {time.time() - start:.0f}s")
