@@ -72,10 +72,11 @@ class Sampler:
             self.policy.load_lora_state_dict(state)
 
     def sample(
-        self, prompts: list[str], seeds: np.ndarray, min_version: int = 0
+        self, prompts: list[str], seeds: np.ndarray, min_version: int = 0, kl_to_base: bool = False
     ) -> tuple[Trajectory, dict, dict]:
         """One batch: the trajectory (for the learner), the reward input (for reward actors) and
-        a few bytes of metadata for the driver (batch id, policy version, size, seconds).
+        a few bytes of metadata for the driver (batch id, policy version, size, seconds; with
+        `kl_to_base`, each sample's KL to the base model under the same weights, "kl_base").
 
         Refuses to sample with weights older than `min_version` (a restarted sampler has none)."""
         self._apply_pending()
@@ -99,4 +100,6 @@ class Sampler:
             "samples": len(traj),
             "seconds": seconds,
         }
+        if kl_to_base:
+            meta["kl_base"] = self.policy.kl_to_base(traj).tolist()
         return traj, reward_input, meta

@@ -8,11 +8,16 @@ scaled down (fewer steps and samples, the tiny world's prompts) so that it runs 
 from __future__ import annotations
 
 import dataclasses
+import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
 Algorithm = Literal["ddpo_is", "ddpo_sf", "rwr", "sparse_rwr"]
+
+MAX_PROMPT_CHARS = 1000
+"""Longer prompts are refused: the text encoder reads only the first 77 tokens (a few hundred
+characters), and every prompt is written into config.json and every checkpoint."""
 
 
 @dataclass(frozen=True)
@@ -170,8 +175,21 @@ class Config:
     def __post_init__(self) -> None:
         if not self.prompts:
             raise ValueError("the prompt set is empty; give a task preset or --prompts FILE")
-        if self.epochs < 0:
-            raise ValueError(f"epochs={self.epochs} must be >= 0")
+        for i, prompt in enumerate(self.prompts):
+            problem = prompt_problem(prompt)
+            if problem:
+                raise ValueError(f"prompt {i + 1} of the prompt set {problem}")
+        if self.epochs < 1:
+            raise ValueError(f"epochs={self.epochs}: a run trains at least 1 epoch")
+        if not 0 <= self.seed < 2**63:
+            raise ValueError(
+                f"seed={self.seed} must be in [0, 2**63): it seeds numpy and torch generators"
+            )
+        if self.grid_every < 0 or self.eval_every < 0:
+            raise ValueError(
+                f"grid_every={self.grid_every} and eval_every={self.eval_every} must be >= 0 "
+                "(0: at the start and the end only)"
+            )
         if self.max_staleness < 0 or self.max_inflight < 1:
             raise ValueError(
                 f"max_staleness={self.max_staleness} must be >= 0 and "
@@ -246,10 +264,33 @@ def read_prompt_file(path: Path | str) -> tuple[str, ...]:
         lines = path.read_text(encoding="utf-8").splitlines()
     except UnicodeDecodeError as err:
         raise ValueError(f"prompt file {path} is not UTF-8 text ({err}); save it as UTF-8") from err
-    prompts = tuple(s.strip() for s in lines if s.strip() and not s.lstrip().startswith("#"))
+    prompts = []
+    for number, line in enumerate(lines, 1):
+        prompt = line.strip()
+        if not prompt or prompt.startswith("#"):
+            continue
+        problem = prompt_problem(prompt)
+        if problem:
+            raise ValueError(f"prompt file {path}, line {number}: the prompt {problem}")
+        prompts.append(prompt)
     if not prompts:
         raise ValueError(f"prompt file {path} holds no prompts; write one prompt a line")
-    return prompts
+    return tuple(prompts)
+
+
+def prompt_problem(prompt: str) -> str | None:
+    """What is wrong with one prompt (said after "the prompt ..."), or None."""
+    if not isinstance(prompt, str) or not prompt.strip():
+        return "is empty; every prompt needs some text"
+    if len(prompt) > MAX_PROMPT_CHARS:
+        return (
+            f"is {len(prompt)} characters long; shorten it to at most {MAX_PROMPT_CHARS} (the "
+            "text encoder reads only its first 77 tokens)"
+        )
+    bad = next((c for c in prompt if unicodedata.category(c) == "Cc"), None)
+    if bad is not None:
+        return f"holds the control character {bad!r}; remove it (a prompt is one line of text)"
+    return None
 
 
 def simple_animals() -> tuple[str, ...]:

@@ -20,23 +20,16 @@ def _gather(values: torch.Tensor, index: torch.Tensor, like: torch.Tensor) -> to
     return out.reshape(-1, *([1] * (like.ndim - 1)))
 
 
-def ddim_step_with_log_prob(
+def ddim_step_mean_std(
     scheduler: DDIMScheduler,
     model_output: torch.Tensor,
     timestep: torch.Tensor | int,
     sample: torch.Tensor,
     eta: float = 1.0,
-    prev_sample: torch.Tensor | None = None,
-    generator: list[torch.Generator] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Take one DDIM step from `sample` (x_t) and return (x_{t-1}, log p(x_{t-1} | x_t)).
-
-    model_output: the (guided) model prediction [B, C, H, W], in the scheduler's prediction type.
-    timestep: the current timestep t, an int or a [B] tensor (samples may sit at different t).
-    prev_sample: if given, score this x_{t-1} instead of sampling one (used in training).
-    generator: one torch.Generator per sample, so each sample's noise is independent of the batch.
-    Returns prev_sample [B, C, H, W] and log_prob [B] (mean over C, H, W).
-    """
+    """The Gaussian of one DDIM step x_t -> x_{t-1}: its mean [B, C, H, W] and its standard
+    deviation [B, 1, 1, 1] (one per sample: it depends on t alone). Arguments as in
+    `ddim_step_with_log_prob`."""
     if scheduler.num_inference_steps is None:
         raise ValueError("call scheduler.set_timesteps(num_steps) before stepping")
     if eta <= 0:
@@ -75,7 +68,27 @@ def ddim_step_with_log_prob(
     variance = (1 - abar_prev) / (1 - abar_t) * (1 - abar_t / abar_prev)
     std = eta * variance.sqrt()
     mean = abar_prev.sqrt() * x0 + (1 - abar_prev - std**2).clamp(min=0).sqrt() * eps
+    return mean, std
 
+
+def ddim_step_with_log_prob(
+    scheduler: DDIMScheduler,
+    model_output: torch.Tensor,
+    timestep: torch.Tensor | int,
+    sample: torch.Tensor,
+    eta: float = 1.0,
+    prev_sample: torch.Tensor | None = None,
+    generator: list[torch.Generator] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Take one DDIM step from `sample` (x_t) and return (x_{t-1}, log p(x_{t-1} | x_t)).
+
+    model_output: the (guided) model prediction [B, C, H, W], in the scheduler's prediction type.
+    timestep: the current timestep t, an int or a [B] tensor (samples may sit at different t).
+    prev_sample: if given, score this x_{t-1} instead of sampling one (used in training).
+    generator: one torch.Generator per sample, so each sample's noise is independent of the batch.
+    Returns prev_sample [B, C, H, W] and log_prob [B] (mean over C, H, W).
+    """
+    mean, std = ddim_step_mean_std(scheduler, model_output, timestep, sample, eta)
     if prev_sample is None:
         if generator is not None:
             noise = torch.stack(
@@ -85,10 +98,18 @@ def ddim_step_with_log_prob(
             noise = torch.randn_like(sample)
         prev_sample = mean + std * noise
 
-    # log N(x; mean, std^2) per dimension, then the mean over all non-batch dimensions.
-    log_prob = (
-        -((prev_sample.detach() - mean) ** 2) / (2 * std**2)
-        - torch.log(std)
-        - 0.5 * math.log(2 * math.pi)
-    )
-    return prev_sample, log_prob.mean(dim=tuple(range(1, sample.ndim)))
+    return prev_sample, gaussian_log_prob(prev_sample.detach(), mean, std)
+
+
+def gaussian_log_prob(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """log N(x; mean, std^2) per dimension, then the mean over all non-batch dimensions [B]."""
+    log_prob = -((x - mean) ** 2) / (2 * std**2) - torch.log(std) - 0.5 * math.log(2 * math.pi)
+    return log_prob.mean(dim=tuple(range(1, x.ndim)))
+
+
+def gaussian_kl(mean_p: torch.Tensor, mean_q: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """KL(N(mean_p, std^2) || N(mean_q, std^2)) per sample [B], averaged over the non-batch
+    dimensions like the log-probs: two DDIM steps from the same x_t share their variance, so the
+    KL is closed form, (mean_p - mean_q)^2 / (2 std^2)."""
+    kl = (mean_p - mean_q) ** 2 / (2 * std**2)
+    return kl.mean(dim=tuple(range(1, mean_p.ndim)))

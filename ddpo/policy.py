@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +21,12 @@ from diffusers.utils import logging as diffusers_logging
 from peft import LoraConfig, get_peft_model_state_dict, set_peft_model_state_dict
 from transformers.utils import logging as transformers_logging
 
-from ddpo.ddim import ddim_step_with_log_prob
+from ddpo.ddim import (
+    ddim_step_mean_std,
+    ddim_step_with_log_prob,
+    gaussian_kl,
+    gaussian_log_prob,
+)
 from ddpo.threads import ThreadGovernor
 from ddpo.trajectory import Trajectory
 
@@ -202,18 +209,60 @@ class Policy:
         next_latents: torch.Tensor,
     ) -> torch.Tensor:
         """log pi(next_latents | latents, t, c) [B] under the current weights, with gradients."""
-        dtype = self.unet.dtype
-        latents = latents.to(self.device, dtype)
+        return self.log_prob_and_kl(prompt_embeds, latents, timesteps, next_latents)[0]
+
+    def log_prob_and_kl(
+        self,
+        prompt_embeds: torch.Tensor,
+        latents: torch.Tensor,
+        timesteps: torch.Tensor,
+        next_latents: torch.Tensor,
+        kl_to_base: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """`log_prob`, and with kl_to_base also KL(pi || pi_base) of the step [B] (with
+        gradients through pi; the base model's step costs one more UNet call, without them)."""
+        latents = latents.to(self.device, self.unet.dtype)
+        mean, std = self.step_gaussian(prompt_embeds, latents, timesteps)
+        x = next_latents.to(self.device).float()
+        log_prob = gaussian_log_prob(x, mean, std)
+        if not kl_to_base:
+            return log_prob, None
+        with torch.no_grad(), self.base_model():
+            base_mean, _ = self.step_gaussian(prompt_embeds, latents, timesteps)
+        return log_prob, gaussian_kl(mean, base_mean, std)
+
+    def step_gaussian(
+        self, prompt_embeds: torch.Tensor, latents: torch.Tensor, timesteps: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The mean and std of the guided DDIM step from `latents` at `timesteps`."""
         eps = self.guided_noise(latents, timesteps, prompt_embeds)
-        _, log_prob = ddim_step_with_log_prob(
-            self.scheduler,
-            eps.float(),
-            timesteps.cpu(),
-            latents.float(),
-            eta=self.eta,
-            prev_sample=next_latents.to(self.device).float(),
+        return ddim_step_mean_std(
+            self.scheduler, eps.float(), timesteps.cpu(), latents.float(), eta=self.eta
         )
-        return log_prob
+
+    @contextmanager
+    def base_model(self) -> Iterator[None]:
+        """The UNet without its LoRA (peft's adapter switch) inside the block."""
+        self.unet.disable_adapters()
+        try:
+            yield
+        finally:
+            self.unet.enable_adapters()
+
+    @torch.no_grad()
+    def kl_to_base(self, traj: Trajectory) -> np.ndarray:
+        """Per sample, KL(pi || pi_base) of each denoising step of `traj`, averaged over the
+        steps (and the latent's dimensions): how far the current weights have moved the policy
+        from the base model, on these states. Exactly 0 while LoRA's B is 0."""
+        total = torch.zeros(len(traj))
+        for i, t in enumerate(traj.timesteps):
+            x = traj.latents[:, i].to(self.device, self.unet.dtype)
+            with self.threads.step(("kl", len(traj))):
+                mean, std = self.step_gaussian(traj.prompt_embeds, x, t)
+                with self.base_model():
+                    base_mean, _ = self.step_gaussian(traj.prompt_embeds, x, t)
+            total += gaussian_kl(mean, base_mean, std).cpu()
+        return (total / len(traj.timesteps)).numpy()
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> np.ndarray:

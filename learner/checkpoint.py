@@ -31,6 +31,8 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from ddpo.config import Config
+
 log = logging.getLogger(__name__)
 
 TENSORS, STATE, METRICS, MANIFEST = (
@@ -103,9 +105,32 @@ def save(
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    for old in sorted(root.glob("epoch-*"))[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+    prune(root, epoch, keep)
     return final
+
+
+def epoch_of(path: Path) -> int | None:
+    """The epoch of a checkpoint directory `epoch-NNNNNN`, or None for any other name."""
+    digits = path.name.removeprefix("epoch-")
+    return int(digits) if path.name.startswith("epoch-") and digits.isdigit() else None
+
+
+def checkpoints(run_dir: Path) -> list[Path]:
+    """The run's checkpoint directories, oldest first by epoch number (never by name: past
+    epoch 999999 the names stop sorting as numbers)."""
+    paths = [p for p in checkpoint_dir(run_dir).glob("epoch-*") if epoch_of(p) is not None]
+    return sorted(paths, key=lambda p: epoch_of(p) or 0)
+
+
+def prune(root: Path, written: int, keep: int) -> None:
+    """After checkpoint `written`: keep the newest `keep` up to it, by epoch number. Any of a
+    later epoch is left from before a resume (it failed its check, so the run went on from an
+    older one) and describes a future this run no longer has: it goes too."""
+    paths = checkpoints(root.parent)
+    later = [p for p in paths if (epoch_of(p) or 0) > written]
+    kept = [p for p in paths if (epoch_of(p) or 0) <= written]
+    for old in later + kept[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def load(path: Path) -> Checkpoint:
@@ -140,12 +165,127 @@ def verify(path: Path) -> str | None:
 
 def latest(run_dir: Path) -> Checkpoint | None:
     """The newest intact checkpoint of a run; broken ones are skipped with a warning."""
-    for path in sorted(checkpoint_dir(run_dir).glob("epoch-*"), reverse=True):
+    for path in reversed(checkpoints(run_dir)):
         problem = verify(path)
         if problem is None:
             return load(path)
         log.warning("skipping checkpoint %s: %s; trying the one before", path, problem)
     return None
+
+
+# ----- what a resume reads from state.json, checked before it changes anything -----
+def check_state(state: Any, path: Path | str = "") -> Config:
+    """Check every field of a checkpoint's state.json that a resume reads: its type, its range
+    and how fields relate (the epoch lies within the run's epochs and equals the learner's policy
+    version, one update per epoch or async update). Returns the run's config; raises ValueError
+    naming the first bad field. The tensors' shapes are checked against the model by
+    `Learner.check_state`, and the log cuts against the run directory by
+    `learner.driver.checked_log_cuts`, both also before anything changes."""
+    at = _Fields(str(Path(path) / STATE))
+    at.mapping("", state, ("format", "epoch", "learner", "driver", "config"))
+    if state["format"] != FORMAT:
+        at.bad("format", state["format"], f"format {FORMAT}")
+    at.mapping("config", state["config"], ())
+    try:
+        config = Config.from_dict(state["config"])
+    except (TypeError, ValueError, AttributeError) as err:
+        raise ValueError(f"{at.where('config')}: {err}{at.DAMAGED}") from None
+    epoch = at.count("epoch", state["epoch"])
+    if epoch > config.epochs:
+        at.bad("epoch", epoch, f"an epoch within the run's {config.epochs}")
+    learner = state["learner"]
+    at.mapping("learner", learner, ("version", "optimizer", "trained_batches"))
+    if at.count("learner.version", learner["version"]) != epoch:
+        at.bad("learner.version", learner["version"], f"{epoch}, one version per epoch")
+    at.strings("learner.trained_batches", learner["trained_batches"])
+    optimizer = learner["optimizer"]
+    at.mapping("learner.optimizer", optimizer, ("param_groups", "scalars"))
+    at.items("learner.optimizer.param_groups", optimizer["param_groups"])
+    for i, group in enumerate(optimizer["param_groups"]):
+        at.mapping(f"learner.optimizer.param_groups.{i}", group, ("params",))
+        field = f"learner.optimizer.param_groups.{i}"
+        for j, index in enumerate(at.items(f"{field}.params", group["params"])):
+            at.count(f"{field}.params.{j}", index)
+        for name in ("lr", "eps", "weight_decay"):
+            at.number(f"{field}.{name}", group.get(name, 0.0))
+        betas = group.get("betas", [0.9, 0.999])
+        if not (isinstance(betas, list) and len(betas) == 2):
+            at.bad(f"{field}.betas", betas, "a pair of numbers")
+        for j, beta in enumerate(betas):
+            at.number(f"{field}.betas.{j}", beta)
+    at.mapping("learner.optimizer.scalars", optimizer["scalars"], ())
+    for key, value in optimizer["scalars"].items():
+        index, _, name = key.partition(".")
+        if not (index.isdigit() and name):
+            at.bad(f"learner.optimizer.scalars key {key!r}", key, "<param index>.<name>")
+        at.number(f"learner.optimizer.scalars.{key}", value)
+    driver = state["driver"]
+    at.mapping("driver", driver, ("tracker", "lost_batches", "logs"))
+    at.mapping("driver.tracker", driver["tracker"], ())
+    for prompt, rewards in driver["tracker"].items():
+        for k, reward in enumerate(at.items(f"driver.tracker[{prompt[:40]!r}]", rewards)):
+            at.number(f"driver.tracker[{prompt[:40]!r}].{k}", reward)
+    at.count("driver.lost_batches", driver["lost_batches"])
+    at.mapping("driver.logs", driver["logs"], ())  # names and sizes: checked_log_cuts
+    # Async runs also keep their batch cursor, counters and the batches to sample again.
+    if "next_batch" in driver:
+        at.count("driver.next_batch", driver["next_batch"])
+    if "totals" in driver:
+        at.mapping("driver.totals", driver["totals"], ())
+        for key, value in driver["totals"].items():
+            at.count(f"driver.totals.{key}", value)
+    for i, batch in enumerate(at.items("driver.retry", driver.get("retry", []))):
+        if not (isinstance(batch, list) and len(batch) == 2):
+            at.bad(f"driver.retry.{i}", batch, "a [prompts, seeds] pair")
+        at.strings(f"driver.retry.{i}.prompts", batch[0])
+        for k, seed in enumerate(at.items(f"driver.retry.{i}.seeds", batch[1])):
+            at.count(f"driver.retry.{i}.seeds.{k}", seed)
+    return config
+
+
+class _Fields:
+    """Type and range checks of JSON fields, each failure one line naming the field."""
+
+    DAMAGED = "; this checkpoint is damaged or was tampered with"
+
+    def __init__(self, file: str):
+        self.file = file
+
+    def where(self, field: str) -> str:
+        return f"checkpoint {self.file}" + (f": {field}" if field else "")
+
+    def bad(self, field: str, value: Any, wanted: str) -> None:
+        shown = repr(value)
+        shown = shown if len(shown) <= 60 else shown[:57] + "..."
+        raise ValueError(f"{self.where(field)} is {shown}, not {wanted}{self.DAMAGED}")
+
+    def mapping(self, field: str, value: Any, keys: tuple[str, ...]) -> dict:
+        if not isinstance(value, dict):
+            self.bad(field or "the file", type(value).__name__, "a JSON object")
+        missing = [k for k in keys if k not in value]
+        if missing:
+            raise ValueError(f"{self.where(field)} lacks {', '.join(missing)}{self.DAMAGED}")
+        return value
+
+    def items(self, field: str, value: Any) -> list:
+        if not isinstance(value, list):
+            self.bad(field, value, "a list")
+        return value
+
+    def strings(self, field: str, value: Any) -> None:
+        for i, item in enumerate(self.items(field, value)):
+            if not isinstance(item, str):
+                self.bad(f"{field}.{i}", item, "a string")
+
+    def count(self, field: str, value: Any) -> int:
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            self.bad(field, value, "a whole number >= 0")
+        return value
+
+    def number(self, field: str, value: Any) -> None:
+        ok = isinstance(value, int | float) and not isinstance(value, bool)
+        if not ok or value != value or value in (float("inf"), float("-inf")):
+            self.bad(field, value, "a finite number")
 
 
 # ----- optimizer and RNG state as flat tensors + JSON -----

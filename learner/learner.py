@@ -73,8 +73,47 @@ class Learner:
         }
         return tensors, meta
 
+    def check_state(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> str | None:
+        """Why `load_state` could not restore (tensors, meta) onto this model, or None: every
+        tensor's name, shape and dtype against the model's LoRA, its optimizer and RNG, checked
+        before anything is loaded (`learner.checkpoint.check_state` checks meta's types)."""
+        again = "; it was written for another model or LoRA configuration, or is damaged"
+        params = self.policy.trainable_parameters()
+        want = {f"lora.{k}": v for k, v in self.policy.lora_state_dict().items()}
+        want["rng.generator"] = self.generator.get_state()
+        for key, ref in want.items():
+            got = tensors.get(key)
+            if got is None:
+                return f"learner.safetensors lacks {key}{again}"
+            if got.shape != ref.shape or got.dtype != ref.dtype:
+                return (
+                    f"learner.safetensors: {key} is {got.dtype} {list(got.shape)}, the model's "
+                    f"is {ref.dtype} {list(ref.shape)}{again}"
+                )
+        for key, got in tensors.items():
+            if key in want:
+                continue
+            index, _, name = key.removeprefix("optim.").partition(".")
+            if not (key.startswith("optim.") and index.isdigit() and int(index) < len(params)):
+                return f"learner.safetensors holds {key}, which this model has no place for{again}"
+            shape = torch.Size([]) if name == "step" else params[int(index)].shape
+            if name not in ("step", "exp_avg", "exp_avg_sq", "max_exp_avg_sq"):
+                return f"learner.safetensors holds {key}, not AdamW state{again}"
+            if got.shape != shape or not got.dtype.is_floating_point:
+                return (
+                    f"learner.safetensors: {key} is {got.dtype} {list(got.shape)}, the "
+                    f"parameter's is {list(shape)}{again}"
+                )
+        groups = [g["params"] for g in self.optimizer.state_dict()["param_groups"]]
+        if [g["params"] for g in meta["optimizer"]["param_groups"]] != groups:
+            return f"the optimizer's parameter groups differ from this model's{again}"
+        return None
+
     def load_state(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> int:
         """Restore what `state` returned; returns the policy version."""
+        problem = self.check_state(tensors, meta)
+        if problem:
+            raise ValueError(problem)
         lora = {k.removeprefix("lora."): v for k, v in tensors.items() if k.startswith("lora.")}
         self.policy.load_lora_state_dict(lora)
         checkpoint.load_optimizer_state(self.optimizer, tensors, meta["optimizer"])

@@ -26,7 +26,7 @@ class PoolSize:
         if not 1 <= self.min <= self.start <= self.max:
             raise ValueError(
                 f"reward pool sizes need 1 <= min <= start <= max, got min={self.min} "
-                f"start={self.start} max={self.max}"
+                f"start={self.start} max={self.max}; a pool has at least one actor"
             )
 
 
@@ -42,18 +42,28 @@ def parse_pool_sizes(workers: tuple[str, ...], ranges: tuple[str, ...]) -> dict[
             out[name] = value
         return out
 
-    starts = {k: int(v) for k, v in pairs(workers, "--reward-workers").items()}
+    def whole(flag: str, name: str, value: str) -> int:
+        if not value.strip().isdigit():
+            raise ValueError(f"{flag} {name}={value!r}: give a whole number of actors, e.g. 4")
+        return int(value)
+
+    flag = "--reward-workers"
+    starts = {k: whole(flag, k, v) for k, v in pairs(workers, flag).items()}
     bounds = {}
-    for name, value in pairs(ranges, "--reward-workers-range").items():
+    flag = "--reward-workers-range"
+    for name, value in pairs(ranges, flag).items():
         low, sep, high = value.partition(":")
         if not sep:
-            raise ValueError(f"--reward-workers-range {name}={value!r} must be MIN:MAX, e.g. 1:8")
-        bounds[name] = (int(low), int(high))
+            raise ValueError(f"{flag} {name}={value!r} must be MIN:MAX, e.g. 1:8")
+        bounds[name] = (whole(flag, name, low), whole(flag, name, high))
     sizes = {}
     for name in starts.keys() | bounds.keys():
         start = starts.get(name, bounds.get(name, (1, 1))[0])
         least, most = bounds.get(name, (start, start))
-        sizes[name] = PoolSize(start=start, min=least, max=most)
+        try:
+            sizes[name] = PoolSize(start=start, min=least, max=most)
+        except ValueError as err:
+            raise ValueError(f"{name}: {err}") from None
     return sizes
 
 

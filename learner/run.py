@@ -16,16 +16,24 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, NoReturn
 
 import tyro
 
 from ddpo.config import Config, read_prompt_file, task_config
+from ddpo.policy import ModelLoadError
 from learner import checkpoint
-from learner.checkpoint import Checkpoint
+from learner.checkpoint import Checkpoint, CheckpointError
 from learner.driver import Driver, checked_log_cuts, train  # noqa: F401  (Driver: the API)
 from learner.errors import ActorsPending, LearnerLost, RewardBroken
 from learner.evaluation import paired_gain, read_evals
+from learner.preflight import (
+    changed_settings,
+    check_config,
+    check_writable,
+    earlier_attempt,
+    refuse_existing,
+)
 from learner.wiring import InProcess
 
 log = logging.getLogger("learner.run")
@@ -90,6 +98,9 @@ class Args:
     resume: Path | None = None
     """Continue the run in this directory from its newest intact checkpoint, with its settings
     (--epochs may extend it)."""
+    resume_or_start: bool = False
+    """Continue the run in --run-dir from its newest intact checkpoint if it has one (these flags
+    must match its settings), else start it: what a retried job (a KubeRay RayJob) runs."""
     auto_resume: bool = False
     """If the learner is lost, start a new one from the last checkpoint instead of stopping."""
 
@@ -100,6 +111,9 @@ RESUME_FLAGS = {
     "tensorboard", "save_every", "keep_checkpoints", "auto_resume",
 }  # fmt: skip
 """What --resume may change; everything else comes from the run's checkpoint."""
+
+INTERRUPTED = 130
+"""Exit status after Ctrl-C (128 + SIGINT), as a shell reports it."""
 
 
 def build_config(args: Args) -> Config:
@@ -163,8 +177,14 @@ def resume_config(args: Args) -> tuple[Config, Checkpoint]:
             f"--resume {run_dir}: no intact checkpoint in {checkpoint.checkpoint_dir(run_dir)}; "
             "nothing to resume (start the run again without --resume)"
         )
-    checked_log_cuts(run_dir, ckpt.state.get("driver", {}).get("logs", {}))  # refuse bad paths
-    config = Config.from_dict(ckpt.state["config"])
+    return continued(args, run_dir, ckpt), ckpt
+
+
+def continued(args: Args, run_dir: Path, ckpt: Checkpoint) -> Config:
+    """The config of the run that `ckpt` continues, with what the command line may change;
+    every field of its state.json checked first (tensor shapes: when the learner loads them)."""
+    config = checkpoint.check_state(ckpt.state, ckpt.path)
+    checked_log_cuts(run_dir, ckpt.state["driver"]["logs"])  # refuse bad paths
     changes: dict[str, Any] = dict(
         run_dir=run_dir, address=args.address, grid_every=args.grid_every
     )
@@ -172,25 +192,99 @@ def resume_config(args: Args) -> tuple[Config, Checkpoint]:
     changes |= dict(metrics_port=args.metrics_port, metrics_host=args.metrics_host)
     changes |= dict(tensorboard=args.tensorboard or config.tensorboard, **run_options(args))
     if args.epochs is not None:
+        if args.epochs < ckpt.epoch:
+            raise ValueError(
+                f"--epochs {args.epochs} is fewer than the {ckpt.epoch} epochs the checkpoint "
+                f"has done; give --epochs {ckpt.epoch} or more"
+            )
         changes["epochs"] = args.epochs
-    return dataclasses.replace(config, **changes), ckpt
+    config = dataclasses.replace(config, **changes)
+    check_config(config)
+    return config
+
+
+def resume_or_start(args: Args) -> tuple[Config, Checkpoint | None]:
+    """--resume-or-start --run-dir DIR: continue the run in DIR if it has a checkpoint, else
+    start it; DIR may hold an attempt at the same run that stopped before its first checkpoint
+    (it is started over), but never a different run."""
+    wanted = build_config(args)
+    run_dir = Path(str(wanted.run_dir))
+    if args.run_dir is None or args.resume is not None:
+        raise ValueError("--resume-or-start needs --run-dir DIR (and no --resume)")
+    if not wanted.save_every:
+        raise ValueError("--resume-or-start needs checkpoints; drop --save-every 0")
+    ckpt = checkpoint.latest(run_dir) if run_dir.is_dir() else None
+    if ckpt is not None:
+        saved = checkpoint.check_state(ckpt.state, ckpt.path)
+        changed = changed_settings(saved, wanted)
+        if changed:
+            raise ValueError(
+                f"--resume-or-start: {run_dir} holds a run with other settings "
+                f"({', '.join(changed)}); give its flags, or another --run-dir"
+            )
+        log.info("continuing the run in %s from %s", run_dir, ckpt.path)
+        return continued(args, run_dir, ckpt), ckpt
+    check_config(wanted)
+    if run_dir.is_dir() and any(run_dir.iterdir()) and not earlier_attempt(run_dir, wanted):
+        refuse_existing(run_dir)
+    return wanted, None
+
+
+def plan(args: Args) -> tuple[Config, Checkpoint | None]:
+    """The run to do, a new one or one continued from its checkpoint, after every check that
+    can be made before the run directory is created or an actor starts."""
+    if args.resume_or_start:
+        config, ckpt = resume_or_start(args)
+    elif args.resume:
+        config, ckpt = resume_config(args)
+    else:
+        config, ckpt = build_config(args), None
+        check_config(config)
+        refuse_existing(Path(str(config.run_dir)))
+    check_writable(Path(str(config.run_dir)))
+    if args.in_process and config.mode == "async":
+        raise ValueError("--mode async runs on Ray only; drop --in-process")
+    return config, ckpt
+
+
+def fail(message: str, status: int) -> NoReturn:
+    print(message, file=sys.stderr, flush=True)
+    raise SystemExit(status)
+
+
+def interrupted(run_dir: Path) -> NoReturn:
+    """After Ctrl-C: one line on where the run stopped and how to go on."""
+    ckpt = checkpoint.latest(run_dir) if run_dir.is_dir() else None
+    if ckpt is None:
+        fail(
+            f"interrupted before the first checkpoint; nothing to resume: start again with the "
+            f"same flags and --resume-or-start --run-dir {run_dir}",
+            INTERRUPTED,
+        )
+    fail(
+        f"interrupted at epoch {ckpt.epoch}; resume with: python -m learner.run --resume {run_dir}",
+        INTERRUPTED,
+    )
 
 
 def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     args = tyro.cli(Args, args=argv)
     try:
-        config, ckpt = resume_config(args) if args.resume else (build_config(args), None)
-    except ValueError as err:
-        sys.exit(f"error: {err}")
+        config, ckpt = plan(args)
+    except (ValueError, ModelLoadError) as err:
+        fail(f"error: {err}", 2)
     start = time.time()
     try:
         history = train(config, InProcess() if args.in_process else None, ckpt)
+    except CheckpointError as err:  # a checkpoint the model cannot take (found before any change)
+        fail(f"error: {err}", 2)
     except (LearnerLost, RewardBroken) as err:
-        sys.exit(f"error: {err}")
+        fail(f"error: {err}", 1)
     except ActorsPending as err:  # the cluster cannot hold the run: nothing ran, fix and rerun
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
+        fail(f"error: {err}", 2)
+    except KeyboardInterrupt:
+        interrupted(Path(str(config.run_dir)))
     if history:
         first, last = history[0], history[-1]
         print(

@@ -48,3 +48,22 @@ def small_config(tmp_path):
         return dataclasses.replace(task_config(task, "tiny"), **(settings | changes))
 
     return make
+
+
+@pytest.fixture
+def cli_error(capsys):
+    """cli_error(argv): run learner.run's main on argv, assert that it stopped with exit status 2
+    and one line on stderr, and return that line."""
+    from learner.run import main
+
+    def run(argv):
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as stopped:
+            main(argv)
+        err = capsys.readouterr().err
+        assert stopped.value.code == 2, (stopped.value.code, err)
+        lines = err.splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: "), err
+        return lines[0]
+
+    return run

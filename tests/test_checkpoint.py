@@ -4,6 +4,7 @@ import dataclasses
 import errno
 import json
 import logging
+import re
 
 import pytest
 import torch
@@ -146,15 +147,11 @@ def test_resume_reproduces_the_uninterrupted_run_bit_for_bit(small_config, tmp_p
     assert evals == [json.loads(s) for s in (straight / "eval.jsonl").open()]
 
 
-def test_resume_refuses_changed_settings_and_empty_runs(tmp_path):
-    from learner.run import main
-
-    with pytest.raises(SystemExit, match="drop --task, --learning-rate"):
-        main(["--resume", str(tmp_path), "--task", "aesthetic", "--learning-rate", "1e-3"])
-    with pytest.raises(SystemExit, match="no intact checkpoint"):
-        main(["--resume", str(tmp_path)])
-    with pytest.raises(SystemExit, match="no such directory"):
-        main(["--resume", str(tmp_path / "nope")])
+def test_resume_refuses_changed_settings_and_empty_runs(tmp_path, cli_error):
+    argv = ["--resume", str(tmp_path), "--task", "aesthetic", "--learning-rate", "1e-3"]
+    assert "drop --task, --learning-rate" in cli_error(argv)
+    assert "no intact checkpoint" in cli_error(["--resume", str(tmp_path)])
+    assert "no such directory" in cli_error(["--resume", str(tmp_path / "nope")])
 
 
 def test_a_full_disk_at_one_checkpoint_keeps_the_run_and_the_older_checkpoints(
@@ -191,7 +188,9 @@ def test_a_full_disk_at_one_checkpoint_keeps_the_run_and_the_older_checkpoints(
     [{"../victim.txt": 0}, {"VICTIM": 0}, {"eval.jsonl": 10**9}, {"eval.jsonl": -1}, [1]],
     ids=["relative-escape", "absolute", "too-large", "negative", "not-a-mapping"],
 )
-def test_resume_refuses_a_checkpoint_that_names_other_files(small_config, tmp_path, logs):
+def test_resume_refuses_a_checkpoint_that_names_other_files(
+    small_config, tmp_path, logs, cli_error
+):
     """A tampered state.json (its manifest rewritten to match, as an attacker would) that names
     a file outside the run, or a size the log does not have: one-line refusal, nothing touched."""
     from learner.driver import train
@@ -212,7 +211,7 @@ def test_resume_refuses_a_checkpoint_that_names_other_files(small_config, tmp_pa
     (ckpt / "MANIFEST.json").write_text(json.dumps(manifest))
     evals_before = (run_dir / "eval.jsonl").read_bytes()
 
-    with pytest.raises(SystemExit, match="damaged or was tampered with|not a mapping"):
-        run_main(["--resume", str(run_dir)])
+    line = cli_error(["--resume", str(run_dir), "--in-process"])
+    assert re.search("damaged or was tampered with|not a mapping|not a JSON object", line), line
     assert victim.read_text() == "precious\n"
     assert (run_dir / "eval.jsonl").read_bytes() == evals_before

@@ -287,6 +287,7 @@ def test_rayjob_runs_the_alignment_task_with_flags_learner_run_has(rayjob, raycl
     args = tyro.cli(Args, args=argv[3:])  # every flag must exist in learner.run.Args
     assert args.task == "alignment" and args.address == "auto" and args.device == "cuda"
     assert str(args.run_dir).startswith("/mnt/runs/")
+    assert args.resume_or_start, "a retry must continue the run, not start it over"
     mounts = spec["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]["containers"][0]
     assert "/mnt/runs" in [m["mountPath"] for m in mounts["volumeMounts"]]
     config = build_config(args)  # the flags make a valid config (e.g. samplers divide batches)

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from ddpo import ddim
 from ddpo.policy import ModelLoadError, Policy, load_pipeline
 
 PROMPTS = ["a red circle on a plain background", "a blue square on a striped background"] * 2
@@ -92,3 +93,43 @@ def test_bad_model_paths_give_clear_errors(tmp_path):
     (tmp_path / "model_index.json").write_text("{not json")
     with pytest.raises(ModelLoadError, match="could not load"):
         load_pipeline(str(tmp_path))
+
+
+def test_kl_to_base_is_zero_at_start_and_matches_a_separate_base_model(tiny_pipe):
+    policy = Policy(copy.deepcopy(tiny_pipe), num_steps=4, guidance_scale=5.0)
+    trainable = [id(p) for p in policy.trainable_parameters()]
+    traj = policy.sample(PROMPTS, [1, 2, 3, 4])
+    assert (policy.kl_to_base(traj) == 0).all()  # B = 0: the adapted model is the base model
+    state = {k: torch.randn_like(v) * 0.05 for k, v in policy.lora_state_dict().items()}
+    policy.load_lora_state_dict(state)
+    traj = policy.sample(PROMPTS, [1, 2, 3, 4])
+    kl = policy.kl_to_base(traj)
+    # Independent reference: the base model as its own pipeline, no adapter switching.
+    base = copy.deepcopy(tiny_pipe)
+    expected = np.zeros(len(traj))
+    for i, t in enumerate(traj.timesteps):
+        x = traj.latents[:, i]
+        mean, std = policy.step_gaussian(traj.prompt_embeds, x, t)
+        eps = base.unet(
+            torch.cat([x, x]),
+            t.reshape(1).expand(8),
+            torch.cat([policy.uncond_embeds.expand(4, -1, -1), traj.prompt_embeds]),
+        ).sample
+        uncond, cond = eps.chunk(2)
+        base_mean, _ = ddim.ddim_step_mean_std(
+            policy.scheduler, uncond + 5.0 * (cond - uncond), t, x
+        )
+        expected += (((mean - base_mean) ** 2) / (2 * std**2)).mean(dim=(1, 2, 3)).detach().numpy()
+    np.testing.assert_allclose(kl, expected / len(traj.timesteps), rtol=1e-4)
+    assert (kl > 0).all()
+    # The adapter switch leaves the LoRA trainable (the optimizer holds these parameters).
+    assert [id(p) for p in policy.trainable_parameters()] == trainable
+    # With gradients, the training path's KL equals the evaluation's on the same step.
+    lp, step_kl = policy.log_prob_and_kl(
+        traj.prompt_embeds,
+        traj.latents[:, 1],
+        traj.timesteps[1],
+        traj.latents[:, 2],
+        kl_to_base=True,
+    )
+    assert step_kl.requires_grad and torch.isfinite(lp).all()
