@@ -46,6 +46,9 @@ class TrainConfig:
     algorithm: Algorithm = "ddpo_is"
     """ddpo_is (clipped importance sampling), ddpo_sf (score function), rwr or sparse_rwr."""
     learning_rate: float = 3e-4
+    lr_schedule: Literal["constant", "cosine"] = "constant"
+    """constant (the paper's), or cosine: from learning_rate at the first update down to 0 at the
+    run's last (`epochs`), by policy version, so a resumed run keeps its schedule."""
     adam_beta1: float = 0.9
     adam_beta2: float = 0.999
     adam_weight_decay: float = 1e-4
@@ -59,6 +62,9 @@ class TrainConfig:
     """Passes over each epoch's samples."""
     clip_range: float = 1e-4
     """PPO clip range on the importance ratio (tuned to log-probs averaged over latent dims)."""
+    kl_coef: float = 0.0
+    """Weight of the per-step KL to the base model (LoRA off) added to the DDPO loss, as in
+    Flow-GRPO; 0 is the paper's setting. Costs one more UNet call per trained step."""
     adv_clip_max: float = 5.0
     """Advantages are clipped to [-adv_clip_max, adv_clip_max]."""
     dual_clip: float = 3.0
@@ -84,6 +90,10 @@ class TrainConfig:
             raise ValueError(f"train.timestep_fraction={self.timestep_fraction} must be in (0, 1]")
         if self.learning_rate < 0:
             raise ValueError(f"train.learning_rate={self.learning_rate} must be >= 0")
+        if self.kl_coef < 0:
+            raise ValueError(f"train.kl_coef={self.kl_coef} must be >= 0 (0 turns the penalty off)")
+        if self.lr_schedule not in ("constant", "cosine"):
+            raise ValueError(f"train.lr_schedule={self.lr_schedule!r}: choose constant or cosine")
         if self.lora_init not in ("default", "gaussian"):
             raise ValueError(f"train.lora_init={self.lora_init!r}: choose default or gaussian")
         if not self.lora_targets:

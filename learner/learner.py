@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 from typing import Any
 
@@ -14,7 +15,7 @@ from ddpo.threads import ThreadGovernor
 from ddpo.trajectory import Trajectory
 from learner import checkpoint, losses
 
-UPDATE_METRICS = ("loss", "approx_kl", "clipfrac", "dualclipfrac", "grad_norm")
+UPDATE_METRICS = ("loss", "approx_kl", "clipfrac", "dualclipfrac", "grad_norm", "kl_base")
 """What the driver logs of each update's metrics (besides the staleness breakdown)."""
 
 
@@ -145,6 +146,8 @@ class Learner:
             raise ValueError(
                 f"{len(traj)} samples but advantages {tuple(adv.shape)}, rewards {tuple(rew.shape)}"
             )
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.learning_rate()
         algorithm = self.config.train.algorithm
         if algorithm in ("ddpo_is", "ddpo_sf"):
             metrics = self._policy_gradient(
@@ -158,6 +161,14 @@ class Learner:
         metrics["staleness_mean"] = float(staleness.float().mean())
         metrics["staleness_max"] = int(staleness.max())
         return metrics
+
+    def learning_rate(self) -> float:
+        """The learning rate of the update that makes version `self.version + 1`."""
+        cfg = self.config.train
+        if cfg.lr_schedule == "constant":
+            return cfg.learning_rate
+        progress = min(self.version / max(self.config.epochs, 1), 1.0)
+        return cfg.learning_rate * 0.5 * (1.0 + math.cos(math.pi * progress))
 
     def _optimizer_step(self) -> float:
         params = self.policy.trainable_parameters()
@@ -198,11 +209,12 @@ class Learner:
                     step = steps[idx, k]  # [b] step index per sample
                     old = traj.log_probs[idx, step]
                     with self.policy.threads.step(("train", len(idx))):
-                        log_prob = self.policy.log_prob(
+                        log_prob, kl = self.policy.log_prob_and_kl(
                             traj.prompt_embeds[idx],
                             traj.latents[idx, step],
                             traj.timesteps[step],
                             traj.latents[idx, step + 1],
+                            kl_to_base=cfg.kl_coef > 0,
                         )
                         if importance_sampling:
                             loss, info = losses.ddpo_is_loss(
@@ -217,6 +229,9 @@ class Learner:
                             loss = losses.ddpo_sf_loss(log_prob, adv[idx], cfg.adv_clip_max)
                             with torch.no_grad():
                                 info = {"approx_kl": 0.5 * ((log_prob - old) ** 2).mean()}
+                        if kl is not None:  # the KL to the base model, as a penalty
+                            loss = loss + cfg.kl_coef * kl.mean()
+                            info["kl_base"] = kl.detach().mean()
                         (loss / (accumulate * n_steps)).backward()
                     stats["loss"].append(loss.item())
                     with torch.no_grad():  # per-sample diagnostics, grouped by staleness

@@ -92,6 +92,9 @@ def test_in_process_run_writes_run_directory(tmp_path):
     assert saved["task"] == "compressibility" and saved["sample"]["num_steps"] == 4
     for name in ("grid_start.png", "grid_end.png", "lora/pytorch_lora_weights.safetensors"):
         assert (tmp_path / name).is_file()
+    evals = [json.loads(s) for s in (tmp_path / "eval.jsonl").read_text().splitlines()]
+    assert evals[0]["kl_base"] == 0.0  # LoRA's B starts at 0: the base model, exactly
+    assert evals[-1]["kl_base"] > 0
 
 
 def test_a_batch_is_never_trained_twice(tiny_pipe):
@@ -101,3 +104,35 @@ def test_a_batch_is_never_trained_twice(tiny_pipe):
     learner.update(np.array([1, -1, 1, -1.0]), np.zeros(4), batch)
     with pytest.raises(ValueError, match="already trained"):
         learner.update(np.array([1, -1, 1, -1.0]), np.zeros(4), batch)
+
+
+def test_cosine_schedule_follows_torch(tiny_pipe):
+    """Each update's learning rate is torch's CosineAnnealingLR over the run's epochs, by version."""
+    config = dataclasses.replace(small_config(lr_schedule="cosine"), epochs=4)
+    learner = make_learner(tiny_pipe, config)
+    reference = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1e-3)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(reference, T_max=4)
+    prompts = list(config.prompts[:4])
+    for version in range(4):
+        batch = learner.policy.sample(prompts, [0, 1, 2, 3], batch_id=f"{version}-0")
+        learner.update(np.array([1, -1, 1, -1.0]), np.zeros(4), batch)
+        assert learner.optimizer.param_groups[0]["lr"] == pytest.approx(
+            reference.param_groups[0]["lr"]
+        )
+        reference.step()
+        schedule.step()
+    assert learner.learning_rate() == pytest.approx(0.0, abs=1e-12)
+
+
+def test_kl_penalty_pulls_the_policy_back_to_the_base_model(tiny_pipe):
+    """With zero advantages the only gradient is kl_coef * KL to the base: one update lowers it."""
+    config = small_config(learning_rate=3e-3, kl_coef=1.0)
+    learner = make_learner(tiny_pipe, config)
+    moved = {k: torch.randn_like(v) * 0.05 for k, v in learner.policy.lora_state_dict().items()}
+    learner.policy.load_lora_state_dict(moved)
+    batch = learner.policy.sample(list(config.prompts[:4]), [0, 1, 2, 3])
+    before = learner.policy.kl_to_base(batch)
+    metrics = learner.update(np.zeros(4), np.zeros(4), batch)
+    after = learner.policy.kl_to_base(batch)
+    assert metrics["kl_base"] == pytest.approx(float(before.mean()), rel=1e-3)
+    assert after.mean() < 0.9 * before.mean()
