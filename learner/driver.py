@@ -28,14 +28,14 @@ from actors.sampler import Sampler
 from ddpo.config import Config
 from ddpo.images import save_grid
 from ddpo.lora import save_lora
-from ddpo.policy import resolve_model
 from ddpo.threads import role_threads
 from learner import checkpoint
 from learner.async_driver import run_async
-from learner.checkpoint import Checkpoint
+from learner.checkpoint import Checkpoint, CheckpointError
 from learner.errors import LearnerLost, RewardBroken
 from learner.learner import UPDATE_METRICS, Learner
 from learner.metrics import metrics_exporter
+from learner.preflight import check_config
 from learner.report import TensorBoardWriter, grid_name, write_report
 from learner.reward_pool import PoolSize, RewardPool, parse_pool_sizes
 from learner.stat_tracker import PerPromptStatTracker, batch_advantages
@@ -135,22 +135,13 @@ class Driver:
         self.config = config
         self.resume_from = resume  # restored when the run starts
         self.run_dir = Path(config.run_dir or "runs/run")
-        resolve_model(config.model)  # a bad --model stops here, before anything is written
+        check_config(config)  # a bad reward, pool or --model stops here, before anything is written
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        (self.run_dir / "config.json").write_text(
-            json.dumps(dataclasses.asdict(config), indent=2, default=str)
-        )
         self.terms = parse_reward_spec(config.reward)
         options = reward_options(
             config.reward, parse_reward_options(config.reward_options), tiny=config.model == "tiny"
         )
         sizes = parse_pool_sizes(config.reward_workers, config.reward_workers_range)
-        unknown = sorted(set(sizes) - {name for _, name in self.terms})
-        if unknown:
-            raise ValueError(
-                f"--reward-workers names {unknown}, but the reward is {config.reward!r}; "
-                "name one of its terms"
-            )
         self.wiring = wiring or OnRay(
             config.address,
             min_cpus=config.num_samplers
@@ -204,6 +195,9 @@ class Driver:
         self.start_epoch = 0  # where the epoch loop starts (> 0 after a resume)
         self.resumes = 0  # learners replaced from a checkpoint (--auto-resume)
         self.restored: dict[str, Any] = {}  # the driver state of the checkpoint resumed from
+        # (epochs done, bytes of samples.jsonl) while the learner holds exactly the state after
+        # those epochs: what a Ctrl-C may checkpoint (sync mode).
+        self.resumable: tuple[int, int] | None = None
         learner_options = role_options("learner", gpu, takes_turns=config.mode == "sync")
         self.make_learner = lambda: create(
             Learner, config, learner_threads, None, adaptive, options=learner_options
@@ -399,11 +393,19 @@ class Driver:
         """Continue from `ckpt`: learner state, stat tracker, counters, and the run's logs cut back
         to what they held when it was written (so no epoch appears twice)."""
         w = self.wiring
+        # Before anything changes: the tensors against the model, the log cuts against the run.
+        problem = self.from_learner(
+            w.call(self.learner, "check_state", ckpt.tensors, ckpt.state["learner"])
+        )
+        if problem:
+            raise CheckpointError(f"checkpoint {ckpt.path}: {problem}")
+        cuts = checked_log_cuts(self.run_dir, ckpt.state["driver"]["logs"])
         version = self.from_learner(
             w.call(self.learner, "load_state", ckpt.tensors, ckpt.state["learner"])
         )
         self.restored = ckpt.state["driver"]
-        cuts = checked_log_cuts(self.run_dir, self.restored["logs"])  # before anything changes
+        self.resumable = None  # until the epochs go on from the checkpoint
+        self.write_config()
         self.tracker.load_state_dict(self.restored["tracker"])
         self.lost_batches = self.restored["lost_batches"]
         self.history = list(ckpt.metrics)
@@ -513,6 +515,9 @@ class Driver:
                     raise ValueError("--mode async runs on Ray only; drop --in-process")
                 return run_async(self)
             return self._run()
+        except KeyboardInterrupt:
+            self.save_interrupted()
+            raise
         finally:
             self.exporter.close()
             if self.board:
@@ -549,10 +554,32 @@ class Driver:
         if self.resume_from is not None:
             self.restore(self.resume_from)
             return self.publish()
+        self.write_config()
+        for name in ("metrics.jsonl", *RUN_LOGS):  # an attempt that stopped before checkpoint 0
+            (self.run_dir / name).write_text("")
         version = self.publish()
         self.grid("start")
         self.save_checkpoint(0)
         return version
+
+    def write_config(self) -> None:
+        (self.run_dir / "config.json").write_text(
+            json.dumps(dataclasses.asdict(self.config), indent=2, default=str)
+        )
+
+    def save_interrupted(self) -> None:
+        """After Ctrl-C: checkpoint the epochs done, unless one is already saved or the learner
+        was inside an update (sync mode; an async run goes on from its last checkpoint). The
+        unfinished epoch's samples are cut from samples.jsonl first."""
+        if self.resumable is None or not self.config.save_every:
+            return
+        (done, logged), self.resumable = self.resumable, None
+        path = checkpoint.checkpoint_dir(self.run_dir) / f"epoch-{done:06d}"
+        if path.is_dir() and checkpoint.verify(path) is None:
+            return
+        with (self.run_dir / "samples.jsonl").open("a") as f:
+            f.truncate(logged)
+        self.save_checkpoint(done)
 
     def finish(self) -> None:
         """The trained LoRA (diffusers format) and the end grid."""
@@ -578,12 +605,14 @@ class Driver:
             (self.run_dir / "metrics.jsonl").open("a") as metrics_file,
             (self.run_dir / "samples.jsonl").open("a") as samples_file,
         ):
+            self.resumable = (self.start_epoch, samples_file.tell())
             for epoch in range(self.start_epoch, self.config.epochs):
                 record = self.epoch_with_retry(epoch, samples_file)
                 self.history.append(record)
                 self.log(record, metrics_file)
-                self.evaluate_due(epoch + 1)
                 samples_file.flush()
+                self.resumable = (epoch + 1, samples_file.tell())
+                self.evaluate_due(epoch + 1)
                 if self.checkpoint_due(epoch + 1):
                     self.save_checkpoint(epoch + 1)
 
@@ -628,6 +657,7 @@ class Driver:
         got = self.collect(epoch, batches, samples_file, bar)
         t_sample_score = lap()
         rewards = np.concatenate(got.rewards)
+        self.resumable = None  # the stat tracker and the learner move on from here
         advantages = self.advantages(got.prompts, rewards)
         bar.set_description(f"epoch {epoch} train")
         update = self.update(advantages, rewards, got.trajs)
