@@ -91,15 +91,17 @@ class RewardWorker:
 
     name: a reward spec (`rewards.REWARDS`, or a weighted sum computed in this process);
     options: reward factory options ({"clip_model": ..., "mlp_path": ...}; `"tiny": True` for
-    the tiny models); url: score through a reward service (`python -m rewards.serve`) instead of
-    a local model, with the token from `token_file` or $DDPO_REWARD_TOKEN and `remote_options`
-    for `rewards.client.RemoteReward` (timeout, retries, backoff, max_backoff).
+    the tiny models); run: the run's name, the `run` tag of its metrics; url: score through a
+    reward service (`python -m rewards.serve`) instead of a local model, with the token from
+    `token_file` or $DDPO_REWARD_TOKEN and `remote_options` for `rewards.client.RemoteReward`
+    (timeout, retries, backoff, max_backoff).
     """
 
     def __init__(
         self,
         name: str,
         options: dict[str, Any] | None = None,
+        run: str = "",
         url: str | None = None,
         token_file: str | None = None,
         max_batch_images: int = 64,
@@ -133,7 +135,7 @@ class RewardWorker:
             "busy_seconds": 0.0,
         }
         self._started = time.monotonic()
-        self.metrics = ray_actor_metrics()
+        self.metrics = ray_actor_metrics(run)
 
     def score(self, batch: dict) -> tuple[np.ndarray, dict]:
         """batch: {"images": uint8 [N, H, W, 3], "prompts": [N], "batch_id"} -> (rewards [N], info).
@@ -157,9 +159,7 @@ class RewardWorker:
         with self._pending_lock:
             self._pending.append(request)
             self._stats["calls"] += 1
-            if self.metrics:
-                depth = len(self._pending)
-                self.metrics.queue_depth.set(depth, tags={"queue": f"reward_{self.name}"})
+            self._report_depth()
         while not request.done.is_set():
             with self._model_lock:
                 if not request.done.is_set():
@@ -186,7 +186,14 @@ class RewardWorker:
                     break
                 taken.append(self._pending.pop(0))
                 total += len(nxt.images)
+            self._report_depth()
             return taken
+
+    def _report_depth(self) -> None:
+        """The queue-depth gauge: requests waiting for the model, back to 0 once it took them
+        all (with _pending_lock held)."""
+        if self.metrics:
+            self.metrics.queue_depth.set(len(self._pending), tags={"queue": f"reward_{self.name}"})
 
     def _run(self, requests: list[_Request]) -> None:
         start = time.monotonic()

@@ -14,7 +14,7 @@ import uuid
 import numpy as np
 import torch
 
-from actors.metrics import ray_actor_metrics
+from actors.metrics import ray_actor_metrics, run_label
 from ddpo.config import Config
 from ddpo.policy import Policy, load_pipeline
 from ddpo.threads import ThreadGovernor
@@ -54,7 +54,7 @@ class Sampler:
         self.incarnation = uuid.uuid4().hex[:6]
         self._pending: tuple[int, dict[str, torch.Tensor]] | None = None
         self._lock = threading.Lock()
-        self.metrics = ray_actor_metrics()
+        self.metrics = ray_actor_metrics(run_label(config.run_dir))
         self.tags = {"sampler_id": str(sampler_id)}
 
     def set_weights(self, version: int, state: dict[str, torch.Tensor]) -> int:

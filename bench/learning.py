@@ -34,7 +34,8 @@ import tyro
 
 from ddpo.config import Config, task_config
 from learner.driver import Driver
-from learner.evaluation import ShuffledDriver, paired_gain, read_evals
+from learner.evaluation import paired_gain, read_evals
+from learner.shuffled import ShuffledDriver
 from learner.wiring import InProcess
 
 

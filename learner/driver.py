@@ -33,8 +33,9 @@ from learner import checkpoint
 from learner.async_driver import run_async
 from learner.checkpoint import Checkpoint, CheckpointError
 from learner.errors import LearnerLost, RewardBroken
+from learner.heartbeat import Heartbeat
 from learner.learner import UPDATE_METRICS, Learner
-from learner.metrics import metrics_exporter
+from learner.metrics import metrics_exporter, run_label
 from learner.preflight import check_config
 from learner.report import TensorBoardWriter, grid_name, write_report
 from learner.reward_pool import PoolSize, RewardPool, parse_pool_sizes
@@ -135,6 +136,7 @@ class Driver:
         self.config = config
         self.resume_from = resume  # restored when the run starts
         self.run_dir = Path(config.run_dir or "runs/run")
+        self.run_name = run_label(self.run_dir)  # the `run` label of every ddpo metric
         check_config(config)  # a bad reward, pool or --model stops here, before anything is written
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.terms = parse_reward_spec(config.reward)
@@ -150,7 +152,8 @@ class Driver:
             resources={"sampler": config.num_samplers, "learner": 1}
             | local_role_resources(config.reward),
         )
-        self.exporter = metrics_exporter(config.metrics_port, config.metrics_host)
+        self.exporter = metrics_exporter(config.metrics_port, config.metrics_host, self.run_name)
+        self.beat = Heartbeat()  # without a terminal: a line every 30 s without one
         self.board = TensorBoardWriter(self.run_dir / "tensorboard") if config.tensorboard else None
 
         # Sync mode: samplers run together, then the learner alone; async: all at once. Split
@@ -176,7 +179,9 @@ class Driver:
 
         def reward_actor_maker(name: str) -> Callable[[], Any]:
             options_of = reward_actor_options(name, gpu=gpu)
-            return lambda: create(RewardWorker, name, options[name], options=options_of)
+            return lambda: create(
+                RewardWorker, name, options[name], self.run_name, options=options_of
+            )
 
         self.pools = {
             name: RewardPool(
@@ -451,7 +456,9 @@ class Driver:
         rewards, _ = combine_rewards(self.terms, results)
         if image:
             path = self.run_dir / grid_name(when)
-            save_grid(w.get(traj).images, path, columns=self.config.grid_seeds)
+            g = self.config.grid_seeds
+            columns = [f"seed {s}" for s in seeds[:g]]
+            save_grid(w.get(traj).images, path, g, row_labels=prompts[::g], column_labels=columns)
             if self.board:
                 self.board.image("grid", path, step=when if isinstance(when, int) else 0)
         record = {
@@ -504,22 +511,26 @@ class Driver:
         if self.board:
             self.board.scalars(record, record["epoch"])
         print(format_record(record), flush=True)
+        self.beat.touch()
 
     # ----- the loop -----
     def run(self) -> list[dict]:
         """Run `config.epochs` sync DDPO epochs; return the per-epoch metrics."""
         try:
-            self.wait_started(self.actors())
+            with self.beat.phase("starting the actors"):
+                self.wait_started(self.actors())
             if self.config.mode == "async":
                 if not isinstance(self.wiring, OnRay):
                     raise ValueError("--mode async runs on Ray only; drop --in-process")
-                return run_async(self)
+                with self.beat.phase("training (async)"):
+                    return run_async(self)
             return self._run()
         except KeyboardInterrupt:
             self.save_interrupted()
             raise
         finally:
             self.exporter.close()
+            self.beat.close()
             if self.board:
                 self.board.close()
             if (self.run_dir / "metrics.jsonl").exists():
@@ -558,7 +569,8 @@ class Driver:
         for name in ("metrics.jsonl", *RUN_LOGS):  # an attempt that stopped before checkpoint 0
             (self.run_dir / name).write_text("")
         version = self.publish()
-        self.grid("start")
+        with self.beat.phase("the start evaluation"):
+            self.grid("start")
         self.save_checkpoint(0)
         return version
 
@@ -586,7 +598,8 @@ class Driver:
         self.publish()
         _, state = self.wiring.call(self.learner, "weights", num_returns=2)
         save_lora(self.wiring.get(state), self.run_dir / "lora")
-        self.grid("end")
+        with self.beat.phase("the end evaluation"):
+            self.grid("end")
 
     def _run(self) -> list[dict]:
         self.begin()
@@ -607,7 +620,8 @@ class Driver:
         ):
             self.resumable = (self.start_epoch, samples_file.tell())
             for epoch in range(self.start_epoch, self.config.epochs):
-                record = self.epoch_with_retry(epoch, samples_file)
+                with self.beat.phase(f"epoch {epoch}"):
+                    record = self.epoch_with_retry(epoch, samples_file)
                 self.history.append(record)
                 self.log(record, metrics_file)
                 samples_file.flush()
@@ -691,10 +705,10 @@ class Driver:
         if done == self.config.epochs:
             return
         grid_every, eval_every = self.config.grid_every, self.config.eval_every
-        if grid_every and done % grid_every == 0:
-            self.grid(done)
-        elif eval_every and done % eval_every == 0:
-            self.grid(done, image=False)
+        image = bool(grid_every) and done % grid_every == 0
+        if image or (eval_every and done % eval_every == 0):
+            with self.beat.phase(f"the evaluation after {done}"):
+                self.grid(done, image=image)
 
     def checkpoint_due(self, done: int) -> bool:
         """After `done` epochs/updates: every save_every, and at the end."""

@@ -3,8 +3,8 @@
 Every evaluation scores the same fixed (prompt, seed) samples (the same noise), so the gain of
 sample i is end[i] - start[i] and the effect of learning is read off the mean of those paired
 differences, free of the luck of the draw that moves epoch means. The t statistic is the paired
-(dependent samples) one: mean difference over its standard error. `ShuffledDriver` is the
-control run such a gain is judged against.
+(dependent samples) one: mean difference over its standard error. `learner.shuffled` has the
+control run such a gain is judged against. No torch here: the report imports this.
 """
 
 from __future__ import annotations
@@ -14,8 +14,6 @@ import math
 from pathlib import Path
 
 import numpy as np
-
-from learner.driver import Driver
 
 
 def paired_gain(start: np.ndarray | list[float], end: np.ndarray | list[float]) -> dict:
@@ -44,15 +42,3 @@ def run_gain(run_dir: Path) -> dict:
     if len(evals) < 2 or "rewards" not in evals[0]:
         raise ValueError(f"{run_dir}/eval.jsonl needs a start and an end with per-sample rewards")
     return paired_gain(evals[0]["rewards"], evals[-1]["rewards"])
-
-
-class ShuffledDriver(Driver):
-    """The control of a learning experiment (never of a user's run): every epoch's advantages
-    permuted across its samples. The stat tracker still sees the true rewards and the updates
-    keep their size, but their direction holds no signal, so what the control gains is what
-    weight drift alone does to the reward."""
-
-    def advantages(self, prompts: list[str], rewards: np.ndarray) -> np.ndarray:
-        advantages = super().advantages(prompts, rewards)
-        rng = np.random.default_rng([self.config.seed, 7919, len(self.history)])
-        return rng.permutation(advantages)

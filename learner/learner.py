@@ -140,8 +140,10 @@ class Learner:
         if (staleness < 0).any():
             raise ValueError(f"a batch claims a policy version newer than {self.version}")
         traj = Trajectory.concat(list(batches))
-        adv = torch.as_tensor(np.asarray(advantages), dtype=torch.float32)
-        rew = torch.as_tensor(np.asarray(rewards), dtype=torch.float32)
+        # Copies: through Ray the arrays arrive read-only from the object store, which
+        # torch.as_tensor would wrap, warning on every worker that writes would be undefined.
+        adv = torch.tensor(np.asarray(advantages), dtype=torch.float32)
+        rew = torch.tensor(np.asarray(rewards), dtype=torch.float32)
         if adv.shape != (len(traj),) or rew.shape != (len(traj),):
             raise ValueError(
                 f"{len(traj)} samples but advantages {tuple(adv.shape)}, rewards {tuple(rew.shape)}"

@@ -4,9 +4,14 @@ The driver (`learner.run --metrics-port PORT`) serves its per-epoch metrics over
 prometheus-client; Prometheus scrapes it beside Ray's own per-node endpoints, which carry what the
 actors record with `ray.util.metrics` (Ray prefixes those names with `ray_`).
 
-    exporter = MetricsExporter(port=8000)          # port 0 picks a free port: exporter.port
+    exporter = MetricsExporter(port=8000, run="aesthetic-1")   # port 0: any free port (.port)
     exporter.update({"epoch": 3, "reward_mean": -2.1, "reward/aesthetic/mean": 5.2, ...})
     exporter.close()
+
+Every metric carries the label `run` (the run directory's name, `run_label`), so that two runs
+scraped by one Prometheus, one after the other on the same port or side by side, never share a
+series. A gauge appears with the first epoch that has its value: before that it is absent, not
+0. The counters start at 0 when the run starts.
 
 Driver metric names (the contract with deploy/grafana-dashboard.json; `record` key -> metric):
 
@@ -28,7 +33,7 @@ Driver metric names (the contract with deploy/grafana-dashboard.json; `record` k
 
 Actor metric names (`actor_metrics()`, as Prometheus sees them through Ray):
 ray_ddpo_samples_produced_total{sampler_id}, ray_ddpo_sampling_seconds_bucket{sampler_id},
-ray_ddpo_reward_latency_seconds_bucket{reward}, ray_ddpo_queue_depth{queue}.
+ray_ddpo_reward_latency_seconds_bucket{reward}, ray_ddpo_queue_depth{queue}, each with `run`.
 """
 
 from __future__ import annotations
@@ -71,49 +76,64 @@ class MetricsExporter:
 
     Uses its own `CollectorRegistry`, so two exporters in one process (tests) do not collide.
     port: 0 picks a free port (read `.port`). host: 127.0.0.1 serves this machine only; use
-    0.0.0.0 where Prometheus scrapes from another machine (a cluster, Kubernetes).
+    0.0.0.0 where Prometheus scrapes from another machine (a cluster, Kubernetes). run: the
+    value of every metric's `run` label.
     """
 
-    def __init__(self, port: int, host: str = "127.0.0.1"):
+    def __init__(self, port: int, host: str = "127.0.0.1", run: str = "run"):
         from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
 
         if not 0 <= port < 65536:
             raise ValueError(f"metrics port {port} is not a TCP port; pass 0 (any free) to 65535")
         self.registry = CollectorRegistry(auto_describe=True)
+        self.run = run
         r = self.registry
+        # Every metric has labels, at least `run`: a labelled gauge has no sample until a value
+        # is set, where an unlabelled one would read 0 before anything happened.
         # Two record keys may feed one gauge (staleness, staleness_mean): one gauge per name.
         self._gauges = {
-            name: Gauge(PREFIX + name, help, registry=r)
+            name: Gauge(PREFIX + name, help, ["run"], registry=r)
             for name, help in dict(SCALARS.values()).items()
         }
         self.reward_mean = Gauge(
             PREFIX + "reward_mean",
             "Mean reward of the last epoch (total or one term).",
-            ["reward"],
+            ["run", "reward"],
             registry=r,
         )
         self.reward_std = Gauge(
             PREFIX + "reward_std",
             "Reward standard deviation of the last epoch.",
-            ["reward"],
+            ["run", "reward"],
             registry=r,
         )
         self.busy = Gauge(
-            PREFIX + "busy_fraction", "Fraction of time a role was busy.", ["role"], registry=r
+            PREFIX + "busy_fraction",
+            "Fraction of time a role was busy.",
+            ["run", "role"],
+            registry=r,
         )
         self.samples_per_second = Gauge(
-            PREFIX + "samples_per_second", "Samples of the last epoch / its seconds.", registry=r
+            PREFIX + "samples_per_second",
+            "Samples of the last epoch / its seconds.",
+            ["run"],
+            registry=r,
         )
-        self.samples = Counter(PREFIX + "samples", "Samples trained on.", registry=r)
-        self.epochs = Counter(PREFIX + "epochs", "Epochs finished.", registry=r)
+        self.samples = Counter(PREFIX + "samples", "Samples trained on.", ["run"], registry=r)
+        self.epochs = Counter(PREFIX + "epochs", "Epochs finished.", ["run"], registry=r)
         self.dropped = Counter(
-            PREFIX + "batches_dropped", "Batches not trained on.", ["reason"], registry=r
+            PREFIX + "batches_dropped", "Batches not trained on.", ["run", "reason"], registry=r
         )
+        # Counters count from the start of the run: 0 is their true value before any epoch.
+        self.samples.labels(run=run)
+        self.epochs.labels(run=run)
+        for reason in sorted(set(DROP_REASONS.values())):
+            self.dropped.labels(run=run, reason=reason)
         self.by_staleness: dict[str, Any] = {}
         self.other = Gauge(
             PREFIX + "metric",
             "Any other numeric per-epoch metric, by its record key.",
-            ["key"],
+            ["run", "key"],
             registry=r,
         )
         try:
@@ -145,34 +165,34 @@ class MetricsExporter:
             self._update_one(key, value)
         samples, seconds = record.get("samples"), record.get("seconds")
         if isinstance(samples, int | float) and isinstance(seconds, int | float) and seconds > 0:
-            self.samples_per_second.set(samples / seconds)
-        self.epochs.inc()
+            self.samples_per_second.labels(run=self.run).set(samples / seconds)
+        self.epochs.labels(run=self.run).inc()
 
     def _update_one(self, key: str, value: float) -> None:
+        run = self.run
         if key in SCALARS:
-            self._gauges[SCALARS[key][0]].set(value)
+            self._gauges[SCALARS[key][0]].labels(run=run).set(value)
         elif key == "reward_mean":
-            self.reward_mean.labels(reward="total").set(value)
+            self.reward_mean.labels(run=run, reward="total").set(value)
         elif key == "reward_std":
-            self.reward_std.labels(reward="total").set(value)
+            self.reward_std.labels(run=run, reward="total").set(value)
         elif key == "samples":
-            self.samples.inc(max(value, 0.0))
+            self.samples.labels(run=run).inc(max(value, 0.0))
         elif key in DROP_REASONS:
-            self.dropped.labels(reason=DROP_REASONS[key]).inc(max(value, 0.0))
+            self.dropped.labels(run=run, reason=DROP_REASONS[key]).inc(max(value, 0.0))
         elif m := REWARD_KEY.match(key):
             name, stat = m["name"], m["stat"]
             if stat == "busy_fraction":
-                self.busy.labels(role=f"reward_{name}").set(value)
+                self.busy.labels(run=run, role=f"reward_{name}").set(value)
             else:
-                (self.reward_mean if stat == "mean" else self.reward_std).labels(reward=name).set(
-                    value
-                )
+                gauge = self.reward_mean if stat == "mean" else self.reward_std
+                gauge.labels(run=run, reward=name).set(value)
         elif m := BUSY_KEY.match(key):
-            self.busy.labels(role=m["role"]).set(value)
+            self.busy.labels(run=run, role=m["role"]).set(value)
         elif m := STALENESS_KEY.match(key):
-            self._staleness_gauge(m["stat"]).labels(staleness=m["k"]).set(value)
+            self._staleness_gauge(m["stat"]).labels(run=run, staleness=m["k"]).set(value)
         else:
-            self.other.labels(key=key).set(value)
+            self.other.labels(run=run, key=key).set(value)
 
     def _staleness_gauge(self, stat: str) -> Any:
         from prometheus_client import Gauge
@@ -181,7 +201,7 @@ class MetricsExporter:
             self.by_staleness[stat] = Gauge(
                 f"{PREFIX}{stat}_by_staleness",
                 f"{stat} of the last epoch's batches that were `staleness` versions old.",
-                ["staleness"],
+                ["run", "staleness"],
                 registry=self.registry,
             )
         return self.by_staleness[stat]
@@ -214,12 +234,21 @@ class NullExporter:
         pass
 
 
-def metrics_exporter(port: int | None, host: str = "127.0.0.1") -> MetricsExporter | NullExporter:
+def metrics_exporter(
+    port: int | None, host: str = "127.0.0.1", run: str = "run"
+) -> MetricsExporter | NullExporter:
     """A `MetricsExporter` on `port`, or a `NullExporter` when port is None (metrics off)."""
-    return NullExporter() if port is None else MetricsExporter(port, host)
+    return NullExporter() if port is None else MetricsExporter(port, host, run)
 
 
 # The actors' ray.util.metrics live with the actors (actors/metrics.py); re-exported here.
-from actors.metrics import ActorMetrics, actor_metrics  # noqa: E402
+from actors.metrics import ActorMetrics, actor_metrics, run_label  # noqa: E402
 
-__all__ = ["ActorMetrics", "MetricsExporter", "NullExporter", "actor_metrics", "metrics_exporter"]
+__all__ = [
+    "ActorMetrics",
+    "MetricsExporter",
+    "NullExporter",
+    "actor_metrics",
+    "metrics_exporter",
+    "run_label",
+]

@@ -2,11 +2,13 @@
 
     python -m learner.report RUN_DIR          # (re)write RUN_DIR/reward_curve.png and index.html
 
-`write_report(run_dir)` reads `metrics.jsonl` and the image grids (`grid_start.png`,
+`write_report(run_dir)` reads `metrics.jsonl`, `eval.jsonl` and the image grids (`grid_start.png`,
 `grid_epoch0010.png`, ..., `grid_end.png`, see `grid_name`) that the driver wrote and makes
-`reward_curve.png` and `index.html` beside them; the page shows the curve, the grids in training
-order and a table of every epoch's metrics. `TensorBoardWriter` logs the same scalars and grids
-when `--tensorboard` is set (needs `pip install tensorboard`).
+`reward_curve.png`, `start_end.png` and `index.html` beside them; the page shows the curve, the
+evaluations (the fixed prompts x seeds at start, every `--eval-every` and end, each with its
+paired gain over the start), the start and end grids side by side, every grid in training order
+and a table of every epoch's metrics. `TensorBoardWriter` logs the same scalars and grids when
+`--tensorboard` is set (needs `pip install tensorboard`).
 """
 
 from __future__ import annotations
@@ -19,8 +21,12 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from learner.evaluation import paired_gain
+
 METRICS_FILE = "metrics.jsonl"
+EVAL_FILE = "eval.jsonl"
 CURVE_FILE = "reward_curve.png"
+START_END_FILE = "start_end.png"
 INDEX_FILE = "index.html"
 TABLE_KEYS = ("epoch", "policy_version", "reward_mean", "reward_std", "loss", "approx_kl")
 """Columns shown first in the HTML table; every other key of the records follows."""
@@ -129,19 +135,80 @@ def _number(value: Any, default: float = math.nan) -> float:
     return float(value) if isinstance(value, int | float) else default
 
 
+EVAL_KEYS = ("when", "policy_version", "reward_mean", "reward_std", "samples")
+
+
+def eval_rows(evals: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per evaluation of eval.jsonl (start, every eval_every, end): `EVAL_KEYS` and,
+    after the start, the paired gain over it (`gain`, `gain_se`, `t`; learner.evaluation):
+    the same prompts and noise under other weights, compared sample by sample."""
+    start = evals[0].get("rewards") if evals else None
+    rows = []
+    for i, record in enumerate(evals):
+        row = {k: record.get(k) for k in EVAL_KEYS}
+        rewards = record.get("rewards")
+        if i and start and rewards and len(rewards) == len(start) >= 2:
+            gain = paired_gain(start, rewards)
+            row.update(gain=gain["mean"], gain_se=gain["se"], t=gain["t"])
+        rows.append(row)
+    return rows
+
+
+def start_end_figure(run_dir: Path, rows: list[dict[str, Any]]) -> Path | None:
+    """`start_end.png`: grid_start.png and grid_end.png side by side, each titled with its
+    evaluation (policy version, mean reward; the end with its paired gain). None without both."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    from ddpo.images import fit_text
+
+    paths = [run_dir / grid_name("start"), run_dir / grid_name("end")]
+    if not all(p.is_file() for p in paths):
+        return None
+    grids = [Image.open(p).convert("RGB") for p in paths]
+    by_when = {str(r["when"]): r for r in rows}
+    font = ImageFont.load_default(size=max(12, grids[0].height // 40))
+    line, gap = int(font.getbbox("Ag")[3]) + 8, 16
+    figure = Image.new(
+        "RGB",
+        (sum(g.width for g in grids) + gap, max(g.height for g in grids) + line),
+        "white",
+    )
+    draw, x = ImageDraw.Draw(figure), 0
+    for when, grid in zip(("start", "end"), grids, strict=True):
+        title = fit_text(_eval_title(when, by_when.get(when)), font, grid.width - 8)
+        draw.text((x + 4, 4), title, fill="black", font=font)
+        figure.paste(grid, (x, line))
+        x += grid.width + gap
+    path = run_dir / START_END_FILE
+    figure.save(path)
+    return path
+
+
+def _eval_title(when: str, row: dict[str, Any] | None) -> str:
+    if not row:
+        return when
+    title = f"{when}: v{row.get('policy_version')}, reward {_fmt(row.get('reward_mean'))}"
+    if "gain" in row:
+        title += f", paired gain {row['gain']:+.3g} ± {row['gain_se']:.2g} (t {row['t']:+.1f})"
+    return title
+
+
 def write_report(run_dir: Path) -> Path:
-    """Write `reward_curve.png` (when there are metrics) and `index.html` into run_dir."""
+    """Write `reward_curve.png` (when there are metrics), `start_end.png` (when there are both
+    grids) and `index.html` into run_dir."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise FileNotFoundError(f"run directory {run_dir} does not exist")
-    metrics = run_dir / METRICS_FILE
+    metrics, evals = run_dir / METRICS_FILE, run_dir / EVAL_FILE
     records = read_metrics(metrics) if metrics.is_file() else []
+    rows = eval_rows(read_metrics(evals)) if evals.is_file() else []
     config = _read_config(run_dir)
     title = f"{config.get('task', run_dir.name)} on {config.get('model', '?')}"
     if records:
         plot_reward_curve(records, run_dir / CURVE_FILE, title=title)
+    start_end_figure(run_dir, rows)
     index = run_dir / INDEX_FILE
-    index.write_text(_html(run_dir, title, records, config))
+    index.write_text(_html(run_dir, title, records, rows, config))
     return index
 
 
@@ -155,7 +222,7 @@ def _read_config(run_dir: Path) -> dict[str, Any]:
         raise ValueError(f"{path} is not JSON ({err}); it is written by learner.run") from err
 
 
-def _html(run_dir: Path, title: str, records: list[dict], config: dict) -> str:
+def _html(run_dir: Path, title: str, records: list[dict], evals: list[dict], config: dict) -> str:
     esc = html.escape
     parts = [
         "<!doctype html>",
@@ -171,6 +238,11 @@ def _html(run_dir: Path, title: str, records: list[dict], config: dict) -> str:
     parts.append("<p>" + esc(", ".join(f"{k} {_fmt(v)}" for k, v in summary.items())) + "</p>")
     if (run_dir / CURVE_FILE).is_file() and records:
         parts.append(f'<h2>Reward</h2><img src="{CURVE_FILE}" alt="reward curve">')
+    if evals:
+        parts.append("<h2>Evaluations (fixed prompts x fixed seeds, paired with the start)</h2>")
+        parts += _table(evals, [*EVAL_KEYS, "gain", "gain_se", "t"])
+    if (run_dir / START_END_FILE).is_file():
+        parts.append(f'<h2>Start and end</h2><img src="{START_END_FILE}" alt="start and end">')
     grids = grid_files(run_dir)
     if grids:
         parts.append("<h2>Image grids (fixed prompts x fixed seeds)</h2>")
@@ -185,17 +257,23 @@ def _html(run_dir: Path, title: str, records: list[dict], config: dict) -> str:
     if records:
         keys = [k for k in TABLE_KEYS if any(k in r for r in records)]
         keys += sorted({k for r in records for k in r} - set(keys))
-        parts.append("<h2>Metrics per epoch</h2><table><tr>")
-        parts += [f"<th>{esc(k)}</th>" for k in keys]
-        parts.append("</tr>")
-        for record in records:
-            cells = "".join(f"<td>{esc(_fmt(record.get(k)))}</td>" for k in keys)
-            parts.append(f"<tr>{cells}</tr>")
-        parts.append("</table>")
+        parts.append("<h2>Metrics per epoch</h2>")
+        parts += _table(records, keys)
     if config:
         parts.append("<h2>Config</h2><pre>" + esc(json.dumps(config, indent=2)) + "</pre>")
     parts.append("</body></html>")
     return "\n".join(parts) + "\n"
+
+
+def _table(rows: list[dict], keys: list[str]) -> list[str]:
+    """An HTML table of `rows` (dicts) with a column per key, escaped."""
+    esc = html.escape
+    head = "".join(f"<th>{esc(k)}</th>" for k in keys)
+    body = [
+        "<tr>" + "".join(f"<td>{esc(_fmt(row.get(k)))}</td>" for k in keys) + "</tr>"
+        for row in rows
+    ]
+    return [f"<table><tr>{head}</tr>", *body, "</table>"]
 
 
 def _fmt(value: Any) -> str:

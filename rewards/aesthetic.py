@@ -97,7 +97,7 @@ TINY_VISION: dict[str, Any] = dict(
 def build_tiny_clip(out_dir: str | Path, seed: int = 0) -> Path:
     """A seeded tiny CLIPModel (32x32 images, 768-dim projection so the real MLP fits) and its
     image processor, written with save_pretrained: load it back like any CLIP checkpoint."""
-    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
+    from transformers import CLIPConfig, CLIPImageProcessorPil, CLIPModel
 
     config = CLIPConfig(
         text_config=dict(
@@ -114,7 +114,7 @@ def build_tiny_clip(out_dir: str | Path, seed: int = 0) -> Path:
     torch.manual_seed(seed)
     out_dir = Path(out_dir)
     CLIPModel(config).save_pretrained(out_dir)
-    CLIPImageProcessor(
+    CLIPImageProcessorPil(
         size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}
     ).save_pretrained(out_dir)
     return out_dir
@@ -149,7 +149,9 @@ class AestheticScorer:
         self.batch_size = batch_size
         if clip_model == "tiny":
             clip_model = str(build_tiny_clip(tempfile.mkdtemp(prefix="ddpo-tiny-clip-")))
-        self.processor = AutoImageProcessor.from_pretrained(clip_model)
+        # PIL, whether or not torchvision is installed: the preprocessing the LAION predictor
+        # was trained with, the same numbers on every machine, and no fallback warning.
+        self.processor = AutoImageProcessor.from_pretrained(clip_model, backend="pil")
         clip = CLIPModel.from_pretrained(clip_model, dtype=self.dtype)
         self.clip = clip.to(self.device).eval()  # type: ignore[arg-type]  # transformers' .to stub
         if str(mlp_path) == "tiny":

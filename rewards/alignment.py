@@ -121,7 +121,7 @@ class LlavaAnswerer:
         max_new_tokens: int = 64,
         question: str = QUESTION,
     ):
-        from transformers import AutoProcessor, LlavaForConditionalGeneration
+        from transformers import AutoImageProcessor, AutoProcessor, LlavaForConditionalGeneration
 
         if model == "tiny":
             model = str(build_tiny_llava(tempfile.mkdtemp(prefix="ddpo-tiny-llava-")))
@@ -132,6 +132,10 @@ class LlavaAnswerer:
         self.device = resolve_device(device)
         dtype = torch.float16 if self.device.startswith("cuda") else torch.float32
         self.processor = AutoProcessor.from_pretrained(model)
+        # PIL, as LLaVA was trained, whether or not torchvision is installed (and without
+        # transformers' fallback warning); `backend` passed to AutoProcessor would reach the
+        # tokenizer too.
+        self.processor.image_processor = AutoImageProcessor.from_pretrained(model, backend="pil")
         # Decoder-only batched generation: pad on the left so every row continues its own text.
         self.processor.tokenizer.padding_side = "left"
         self.model = LlavaForConditionalGeneration.from_pretrained(model, dtype=dtype)
@@ -206,7 +210,7 @@ def build_tiny_llava(out_dir: str | Path, seed: int = 0) -> Path:
     a byte-level BPE tokenizer trained here, written with save_pretrained; its answers are noise."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import (
-        CLIPImageProcessor,
+        CLIPImageProcessorPil,
         CLIPVisionConfig,
         LlamaConfig,
         LlavaConfig,
@@ -237,7 +241,7 @@ def build_tiny_llava(out_dir: str | Path, seed: int = 0) -> Path:
         extra_special_tokens={"image_token": "<image>"},
     )
     processor = LlavaProcessor(
-        image_processor=CLIPImageProcessor(
+        image_processor=CLIPImageProcessorPil(
             size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}
         ),
         tokenizer=tokenizer,

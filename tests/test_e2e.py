@@ -17,7 +17,8 @@ import pytest
 
 from ddpo.config import task_config
 from learner.driver import Driver
-from learner.evaluation import ShuffledDriver, paired_gain, read_evals
+from learner.evaluation import paired_gain, read_evals
+from learner.shuffled import ShuffledDriver
 
 EPOCHS = 30  # the preset's
 # Measured on this preset (BENCHMARKS.md, "Learning", one process): after 30 epochs the paired

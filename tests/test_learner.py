@@ -136,3 +136,36 @@ def test_kl_penalty_pulls_the_policy_back_to_the_base_model(tiny_pipe):
     after = learner.policy.kl_to_base(batch)
     assert metrics["kl_base"] == pytest.approx(float(before.mean()), rel=1e-3)
     assert after.mean() < 0.9 * before.mean()
+
+
+def test_read_only_arrays_from_the_object_store_train_without_a_warning(tiny_pipe):
+    """Issue 13, finding 12: through Ray, advantages and rewards arrive read-only (the object
+    store's memory); torch.as_tensor wrapped them and every learner printed NumPy's "The given
+    NumPy array is not writable" warning. The update copies them."""
+    import warnings
+
+    from ddpo.trajectory import Trajectory
+
+    learner = make_learner(tiny_pipe, small_config())
+    got = []
+    learner._policy_gradient = lambda traj, adv, *rest, **kw: got.append(adv) or {}
+    b, t = 4, 2  # a made-up batch: only its sizes matter to what is tested
+    batch = Trajectory(
+        prompts=["a"] * b,
+        prompt_embeds=torch.zeros(b, 1, 1),
+        latents=torch.zeros(b, t + 1, 1, 1, 1),
+        timesteps=torch.arange(t),
+        log_probs=torch.zeros(b, t),
+        images=np.zeros((b, 1, 1, 3), np.uint8),
+        seeds=np.arange(b),
+        policy_version=0,
+        sampler_id=0,
+        batch_id="0-0",
+    )
+    advantages, rewards = np.array([1, -1, 1, -1.0]), np.zeros(4)
+    for array in (advantages, rewards):
+        array.flags.writeable = False  # as ray.get returns them
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        learner.update(advantages, rewards, batch)
+    assert got[0].tolist() == [1, -1, 1, -1]

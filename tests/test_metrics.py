@@ -10,15 +10,20 @@ from learner.metrics import MetricsExporter, NullExporter, metrics_exporter
 
 
 def scrape(exporter: MetricsExporter) -> dict[tuple[str, tuple], float]:
-    """{(sample name, sorted labels): value} of everything the endpoint serves."""
+    """{(sample name, sorted labels but `run`): value} of every ddpo sample the endpoint serves;
+    each must carry the exporter's `run` label."""
     with urllib.request.urlopen(exporter.url, timeout=10) as response:
         assert response.status == 200
         text = response.read().decode()
-    return {
-        (s.name, tuple(sorted(s.labels.items()))): s.value
-        for family in text_string_to_metric_families(text)
-        for s in family.samples
-    }
+    got = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            if not s.name.startswith("ddpo_") or s.name.endswith("_created"):
+                continue  # prometheus-client's own metrics, and counters' creation times
+            labels = dict(s.labels)
+            assert labels.pop("run", None) == exporter.run, (s.name, s.labels)
+            got[(s.name, tuple(sorted(labels.items())))] = s.value
+    return got
 
 
 RECORD = {
@@ -74,9 +79,43 @@ def test_scrape_parses_and_carries_the_values():
     assert got[("ddpo_samples_total", ())] == 48
     assert got[("ddpo_epochs_total", ())] == 2
     assert got[("ddpo_batches_dropped_total", (("reason", "non_finite_reward"),))] == 1
-    # Skipped values leave their gauge at its initial 0; no key for a string.
-    assert got[("ddpo_grad_norm", ())] == 0
+    # A skipped value leaves its gauge absent (it was 0, as if measured); no key for a string.
+    assert ("ddpo_grad_norm", ()) not in got
     assert not any(key == (("key", "task"),) for _, key in got)
+
+
+def test_before_the_first_epoch_no_gauge_reads_0():
+    """Issue 13, finding 11: every unlabelled gauge read 0 before anything had happened (a
+    reward of 0, a loss of 0). Now only the counters are there, at their true 0."""
+    with MetricsExporter(port=0, run="r1") as exporter:
+        assert scrape(exporter) == {
+            ("ddpo_samples_total", ()): 0,
+            ("ddpo_epochs_total", ()): 0,
+            ("ddpo_batches_dropped_total", (("reason", "non_finite_reward"),)): 0,
+            ("ddpo_batches_dropped_total", (("reason", "stale"),)): 0,
+        }
+        exporter.update({"epoch": 0, "reward_mean": -1.0, "loss": None})
+        got = scrape(exporter)
+    assert got[("ddpo_epoch", ())] == 0 and ("ddpo_loss", ()) not in got
+
+
+def test_two_runs_on_one_port_are_two_series():
+    """Issue 13, finding 11: run after run on the driver's port (a RayJob retried, the next
+    experiment), Prometheus saw one series per metric and drew the runs over each other. Each
+    run's samples carry its own `run` label."""
+    with MetricsExporter(port=0, run="first") as exporter:
+        port = exporter.port
+        exporter.update({"epoch": 9, "reward_mean": 1.0})
+        first = urllib.request.urlopen(exporter.url, timeout=10).read().decode()
+    with MetricsExporter(port=port, run="second") as exporter:
+        exporter.update({"epoch": 0, "reward_mean": -1.0})
+        second = urllib.request.urlopen(exporter.url, timeout=10).read().decode()
+    series = [
+        {(s.name, tuple(sorted(s.labels.items()))) for f in text_string_to_metric_families(t)
+         for s in f.samples if s.name == "ddpo_epoch"}
+        for t in (first, second)
+    ]  # fmt: skip
+    assert series == [{("ddpo_epoch", (("run", "first"),))}, {("ddpo_epoch", (("run", "second"),))}]
 
 
 def test_two_exporters_do_not_share_state():
@@ -110,3 +149,44 @@ def test_bad_port_and_null_exporter():
     assert isinstance(null, NullExporter)
     null.update(RECORD)
     null.close()
+
+
+class Recorded:
+    """Stands in for a ray.util.metrics object: records (value, tags) of every call."""
+
+    def __init__(self):
+        self.calls = []
+
+    def set(self, value, tags):
+        self.calls.append((value, dict(tags)))
+
+    inc = observe = set
+
+
+def test_reward_queue_depth_falls_back_to_0(monkeypatch):
+    """Issue 13, finding 11: a reward actor set its queue-depth gauge when a request arrived,
+    never when the model took it, so an idle actor reported its last backlog forever."""
+    import numpy as np
+
+    from actors import reward
+    from actors.metrics import ActorMetrics
+
+    runs = []
+    fake = lambda run: runs.append(run) or ActorMetrics(*(Recorded() for _ in range(4)))  # noqa: E731
+    monkeypatch.setattr(reward, "ray_actor_metrics", fake)
+    worker = reward.RewardWorker("jpeg_compressibility", run="r1")
+    batch = {"images": np.zeros((2, 8, 8, 3), np.uint8), "prompts": ["a", "b"], "batch_id": "0"}
+    worker.score(batch)
+    tags = {"queue": "reward_jpeg_compressibility"}
+    assert worker.metrics.queue_depth.calls == [(1, tags), (0, tags)]  # queued, then taken
+    assert runs == ["r1"]  # every metric of the actor carries run="r1"
+
+
+def test_actor_metrics_carry_the_run():
+    """Issue 13, finding 11: the actors' ray_ddpo_* metrics carried no run label either."""
+    from learner.metrics import actor_metrics, run_label
+
+    metrics = actor_metrics(run_label("/mnt/runs/alignment"))
+    for metric in vars(metrics).values():
+        assert "run" in metric._tag_keys and metric._default_tags == {"run": "alignment"}
+    assert run_label(None) == "run"  # the driver's default run directory, runs/run

@@ -1,7 +1,10 @@
 """The run report on a synthetic run directory: reward curve, index.html, TensorBoard."""
 
+import ast
 import json
+import re
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -148,3 +151,123 @@ def test_cli(tmp_path, capsys):
         main([])
     with pytest.raises(SystemExit, match="error: run directory .* does not exist"):
         main([str(tmp_path / "missing")])
+
+
+# ----- issue 13, finding 12: what the report hides -----
+def test_grids_are_labelled_with_prompts_and_seeds(tmp_path):
+    """Grids had no labels: which prompt is a row, which seed a column, was nowhere. Now the
+    seeds head the columns and each prompt heads its row; the tiny model's 32 px are upscaled."""
+    from ddpo.images import save_grid
+
+    images = np.full((4, 32, 32, 3), 128, np.uint8)  # 2 prompts x 2 seeds
+    prompts, seeds = ["a red circle", "a blue square on a striped background"], ["seed 1", "seed 2"]
+    save_grid(images, tmp_path / "plain.png", columns=2)
+    save_grid(images, tmp_path / "labelled.png", 2, row_labels=prompts, column_labels=seeds)
+    plain = np.asarray(Image.open(tmp_path / "plain.png").convert("L"))
+    labelled = np.asarray(Image.open(tmp_path / "labelled.png").convert("L"))
+    assert plain.shape == (2 * (128 + 8) + 8, 2 * (128 + 8) + 8)  # as before: 4x, padded
+    cells = np.flatnonzero((labelled == 128).sum(axis=1) >= 256)  # pixel rows of 2 images
+    first_cell_row, second_cell_row = cells[0], cells[cells >= cells[0] + 128][0]
+    assert labelled.shape[1] == plain.shape[1] and labelled.shape[0] > plain.shape[0]
+    # Text is dark: above the first row (seed labels, then the first prompt) and between rows.
+    assert (labelled[:first_cell_row] < 100).sum() > 50
+    assert (labelled[first_cell_row + 128 : second_cell_row] < 100).sum() > 50
+    assert (plain[:8] < 100).sum() == 0  # the unlabelled grid's margin is blank
+    with pytest.raises(ValueError, match="one per row"):
+        save_grid(images, tmp_path / "bad.png", 2, row_labels=["only one"])
+
+
+def fake_evals(run_dir):
+    start = [-1.0, -1.2, -0.8, -1.1]
+    lines = [
+        {"when": "start", "policy_version": 0, "reward_mean": -1.025, "rewards": start},
+        {"when": 5, "policy_version": 5, "reward_mean": -0.95, "rewards": [-0.9, -1.1, -0.8, -1.0]},
+        {"when": "end", "policy_version": 10, "reward_mean": -0.9, "rewards": [-0.8, -1.1, -0.7, -1.0]},
+    ]  # fmt: skip
+    (run_dir / "eval.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    return lines
+
+
+def test_report_shows_the_evaluations_and_start_beside_end(tmp_path):
+    """The report showed neither eval.jsonl (the cleanest measure of what training changed) nor
+    the start and end images side by side. Now: a table of every evaluation with its paired
+    gain over the start, and start_end.png."""
+    from learner.evaluation import paired_gain
+
+    fake_run(tmp_path, [1.0, 2.0])
+    lines = fake_evals(tmp_path)
+    page = write_report(tmp_path).read_text()
+    evaluations = page[page.index("<h2>Evaluations") : page.index("<h2>Start and end")]
+    assert evaluations.count("<tr>") == 1 + 3
+    for column in ("when", "policy_version", "reward_mean", "gain", "gain_se", "t"):
+        assert f"<th>{column}</th>" in evaluations
+    end = paired_gain(lines[0]["rewards"], lines[-1]["rewards"])
+    assert f"<td>{end['mean']:.4g}</td><td>{end['se']:.4g}</td><td>{end['t']:.4g}</td>" in page
+    assert '<img src="start_end.png"' in page
+
+    figure = Image.open(tmp_path / "start_end.png")
+    start, end_grid = (Image.open(tmp_path / grid_name(w)) for w in ("start", "end"))
+    assert figure.width >= start.width + end_grid.width
+    array = np.asarray(figure.convert("RGB")).astype(int)
+    top = array[figure.height - start.height :]
+    # The start grid (fill 0) on the left, the end grid (fill 60) on the right, titled above.
+    assert (top[:, : start.width] == 0).all() and (top[:, -end_grid.width :] == 60).all()
+    assert (array[: figure.height - start.height] < 100).any()  # the titles' text
+
+
+def test_readme_names_only_what_exists():
+    """README.md named `rewards.serve.score_remote`, which does not exist (the client has it).
+    Every `ddpo.`, `actors.`, `learner.` and `rewards.` name in the READMEs must resolve to a
+    module and the function, class or constant defined in it (read from source, not imported)."""
+    assert not resolves("rewards.serve.score_remote") and resolves("rewards.client.score_remote")
+    for readme in (ROOT / "README.md", ROOT / "deploy" / "README.md"):
+        names = python_names(readme.read_text())
+        assert "learner.run" in names
+        missing = sorted(n for n in names if not resolves(n))
+        assert not missing, f"{readme.name} names what does not exist: {missing}"
+
+
+ROOT = Path(__file__).resolve().parents[1]
+FILE_SUFFIXES = {"safetensors", "json", "jsonl", "py", "png", "txt", "pth", "html", "yaml", "md"}
+
+
+def python_names(text: str) -> set[str]:
+    """Dotted names of the project's packages in `text` (file names like learner.safetensors
+    left out)."""
+    found = set(re.findall(r"\b((?:ddpo|actors|learner|rewards)(?:\.\w+)+)", text))
+    return {n for n in found if n.rsplit(".", 1)[1] not in FILE_SUFFIXES}
+
+
+def resolves(dotted: str) -> bool:
+    """Whether `pkg.module[.name[.attribute]]` exists: the longest prefix that is a module file,
+    then names defined at its top level (def, class, assignment, import), then in that class."""
+    parts = dotted.split(".")
+    for i in range(len(parts), 0, -1):
+        path = ROOT.joinpath(*parts[:i])
+        module = (
+            path.with_suffix(".py") if path.with_suffix(".py").is_file() else path / "__init__.py"
+        )
+        if module.is_file():
+            break
+    else:
+        return False
+    body = ast.parse(module.read_text()).body
+    for name in parts[i:]:
+        if name not in defined(body):
+            return False
+        body = next((n.body for n in body if isinstance(n, ast.ClassDef) and n.name == name), [])
+    return True
+
+
+def defined(body: list[ast.stmt]) -> set[str]:
+    names: set[str] = set()
+    for node in body:
+        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef):
+            names.add(node.name)
+        elif isinstance(node, ast.Assign):
+            names |= {t.id for t in node.targets if isinstance(t, ast.Name)}
+        elif isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+            names.add(node.target.id)
+        elif isinstance(node, ast.Import | ast.ImportFrom):
+            names |= {(a.asname or a.name).split(".")[0] for a in node.names}
+    return names

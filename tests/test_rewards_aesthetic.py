@@ -115,3 +115,9 @@ def test_scorer_batches_and_resizes(scorer):
 def test_scorer_needs_mlp_path():
     with pytest.raises(ValueError, match="mlp_path"):
         AestheticScorer("tiny", None, device="cpu")
+
+
+def test_scorer_preprocesses_with_pil_on_every_machine(scorer):
+    """The image processor is chosen, not left to whether torchvision is installed (which also
+    printed transformers' fallback warning): PIL, as the LAION predictor was trained."""
+    assert scorer.processor.backend == "pil"

@@ -143,3 +143,9 @@ def test_alignment_reward_is_recall_of_answer_vs_prompt(llava_dir, bertscore):
     assert rewards.dtype == np.float32 and rewards.shape == (2,)
     with pytest.raises(ValueError, match="2 images but 1 prompts"):
         scorer(imgs, prompts[:1])
+
+
+def test_llava_preprocesses_with_pil_and_keeps_its_tokenizer(answerer):
+    """PIL chosen for the images, as for the aesthetic reward; the tokenizer is untouched."""
+    assert answerer.processor.image_processor.backend == "pil"
+    assert answerer.processor.tokenizer.backend == "tokenizers"

@@ -44,7 +44,8 @@ def main(args: Args) -> None:
     seeds = np.tile(np.arange(args.seeds), len(rows))
     images = policy.sample(prompts, seeds).images
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    save_grid(images, args.out, columns=args.seeds)
+    seed_labels = [f"seed {s}" for s in range(args.seeds)]
+    save_grid(images, args.out, args.seeds, row_labels=rows, column_labels=seed_labels)
     rng = np.random.default_rng(0)
     all_prompts = world.all_prompts()
     prompts = [all_prompts[i] for i in rng.integers(len(all_prompts), size=args.samples)]
