@@ -10,6 +10,7 @@ from __future__ import annotations
 import threading
 import time
 import uuid
+from typing import Any
 
 import numpy as np
 import torch
@@ -88,7 +89,13 @@ class Sampler:
         batch_id = f"{self.sampler_id}-{self.incarnation}-{self.sequence}"
         self.sequence += 1
         start = time.perf_counter()
-        traj = self.policy.sample(prompts, seeds, self.version, self.sampler_id, batch_id)
+        ids: dict[str, Any] = dict(
+            policy_version=self.version, sampler_id=self.sampler_id, batch_id=batch_id
+        )
+        if kl_to_base:
+            traj, kl = self.policy.sample_with_kl(prompts, seeds, **ids)
+        else:
+            traj, kl = self.policy.sample(prompts, seeds, **ids), None
         seconds = time.perf_counter() - start
         if self.metrics:
             self.metrics.samples_produced.inc(len(traj), tags=self.tags)
@@ -100,6 +107,6 @@ class Sampler:
             "samples": len(traj),
             "seconds": seconds,
         }
-        if kl_to_base:
-            meta["kl_base"] = self.policy.kl_to_base(traj).tolist()
+        if kl is not None:
+            meta["kl_base"] = kl.tolist()
         return traj, reward_input, meta

@@ -112,7 +112,11 @@ def one_run(config: Config, shuffled: bool, reuse: bool = False) -> dict:
         "end": evals[-1]["reward_mean"],
         "gain": paired_gain(evals[0]["rewards"], evals[-1]["rewards"]),
         "curve": [[e["epoch"], e["reward_mean"]] for e in evals],
-        "evals": [{"epoch": e["epoch"], "rewards": e["rewards"]} for e in evals],
+        "evals": [
+            {"epoch": e["epoch"], "rewards": e["rewards"], "kl_base": e.get("kl_base")}
+            | ({"heldout": e["heldout"]["rewards"]} if "heldout" in e else {})
+            for e in evals
+        ],
         "seconds": None if reuse else round(time.time() - start, 1),
     }
 
@@ -189,6 +193,16 @@ def summarize(results: list[dict], flat: float | None) -> dict:
             "gains": [round(g["mean"], 4) for g in gains],
             "t": [round(g["t"], 2) for g in gains],
         }
+        if "heldout" in e:  # the same weights on prompts never trained on
+            heldout = [
+                paired_gain(r["run"]["evals"][0]["heldout"], r["run"]["evals"][i]["heldout"])
+                for r in results
+            ]
+            row["heldout_gain_mean"] = float(np.mean([h["mean"] for h in heldout]))
+            row["heldout_gains"] = [round(h["mean"], 4) for h in heldout]
+            row["heldout_t"] = [round(h["t"], 2) for h in heldout]
+        if e.get("kl_base") is not None:
+            row["kl_base"] = [r["run"]["evals"][i]["kl_base"] for r in results]
         if controls:
             row["control_gain_mean"] = float(np.mean([c["mean"] for c in controls]))
             row["control_gains"] = [round(c["mean"], 4) for c in controls]

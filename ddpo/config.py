@@ -129,6 +129,9 @@ class Config:
     """KEY=VALUE options for the reward models (e.g. mlp=./sac+logos+ava1-l14-linearMSE.pth)."""
     prompts: tuple[str, ...] = ()
     """The prompt set; each sample's prompt is drawn uniformly from it."""
+    heldout_prompts: tuple[str, ...] = ()
+    """Prompts never trained on: every evaluation also scores the first `grid_prompts` of them
+    with the grid's seeds, to see whether what is learned carries over (the paper, sec. 6.3)."""
     epochs: int = 100
     seed: int = 0
     num_samplers: int = 1
@@ -156,6 +159,12 @@ class Config:
     eval_every: int = 0
     """Also score the fixed evaluation samples every N epochs (0: only at the start and the
     end); every image grid is scored too."""
+    guard: str | None = None
+    """REWARD[:MAX_DROP]: a reward not trained on that scores every evaluation; when it falls,
+    paired and significantly, more than MAX_DROP below its start, the run stops (or warns, see
+    guard_action). E.g. aesthetic:0.5 while training compressibility."""
+    guard_action: Literal["stop", "warn"] = "stop"
+    """What a fired guard does: stop the run (it finishes as at its last epoch) or only warn."""
     tensorboard: bool = False
     """Log scalars and grids to RUN_DIR/tensorboard (needs `pip install tensorboard`)."""
     save_every: int = 5
@@ -189,6 +198,16 @@ class Config:
             problem = prompt_problem(prompt)
             if problem:
                 raise ValueError(f"prompt {i + 1} of the prompt set {problem}")
+        for i, prompt in enumerate(self.heldout_prompts):
+            problem = prompt_problem(prompt)
+            if problem:
+                raise ValueError(f"held-out prompt {i + 1} {problem}")
+        trained = sorted(set(self.heldout_prompts) & set(self.prompts))
+        if trained:
+            raise ValueError(
+                f"held-out prompts are also training prompts: {trained[:3]}; a held-out prompt "
+                "must never be trained on, so remove it from one of the two sets"
+            )
         if self.epochs < 1:
             raise ValueError(f"epochs={self.epochs}: a run trains at least 1 epoch")
         if not 0 <= self.seed < 2**63:
@@ -315,11 +334,37 @@ def imagenet_animals() -> tuple[str, ...]:
 def animal_activities() -> tuple[str, ...]:
     """ "a(n) <animal> <activity>" for the 45 simple animals and the paper's 3 activities."""
     activities = read_prompt_file(PROMPT_DIR / "activities.txt")
-
-    def article(word: str) -> str:
-        return "an" if word[0] in "aeiou" else "a"
-
     return tuple(f"{article(a)} {a} {act}" for a in simple_animals() for act in activities)
+
+
+def heldout_animals() -> tuple[str, ...]:
+    return read_prompt_file(PROMPT_DIR / "heldout_animals.txt")
+
+
+def everyday_objects() -> tuple[str, ...]:
+    return read_prompt_file(PROMPT_DIR / "everyday_objects.txt")
+
+
+def heldout_animal_activities() -> tuple[str, ...]:
+    """Unseen animals with the training activities, then trained animals with unseen ones."""
+    unseen = read_prompt_file(PROMPT_DIR / "heldout_activities.txt")
+    seen = read_prompt_file(PROMPT_DIR / "activities.txt")
+    new_animals = [f"{article(a)} {a} {act}" for a in heldout_animals() for act in seen]
+    new_activities = [f"{article(a)} {a} {act}" for a in simple_animals() for act in unseen]
+    return interleave(new_animals, new_activities)
+
+
+def interleave(*sets: tuple[str, ...] | list[str]) -> tuple[str, ...]:
+    """a0 b0 a1 b1 ... and then the rest of the longer: the first few prompts, which the
+    evaluations score, take from every set."""
+    out = []
+    for i in range(max(map(len, sets))):
+        out += [s[i] for s in sets if i < len(s)]
+    return tuple(out)
+
+
+def article(word: str) -> str:
+    return "an" if word[0] in "aeiou" else "a"
 
 
 def tiny_world() -> tuple[str, ...]:
@@ -335,6 +380,18 @@ def tiny_prompts() -> tuple[str, ...]:
 
     return tuple(
         world.prompt_for(colour, world.SHAPES[i % 3], world.BACKGROUNDS[i % 4])
+        for i, colour in enumerate(world.COLOURS)
+    )
+
+
+def tiny_heldout_prompts() -> tuple[str, ...]:
+    """Six prompts of the tiny world never trained on: each colour with the shape and the
+    background that the next colour has in `tiny_prompts`, so every (colour, shape, background)
+    combination, and every colour-shape pair, is unseen in training."""
+    from ddpo.tiny import world
+
+    return tuple(
+        world.prompt_for(colour, world.SHAPES[(i + 1) % 3], world.BACKGROUNDS[(i + 1) % 4])
         for i, colour in enumerate(world.COLOURS)
     )
 
@@ -355,6 +412,7 @@ def compressibility(tiny: bool, reward: str = "jpeg_compressibility") -> Config:
             model="tiny",
             reward=reward,
             prompts=tiny_prompts(),
+            heldout_prompts=tiny_heldout_prompts(),
             epochs=30,
             sample=SampleConfig(num_steps=10, batch_size=32, num_batches_per_epoch=2),
             train=TrainConfig(learning_rate=3e-2, clip_range=1e-3, batch_size=32),
@@ -369,6 +427,7 @@ def compressibility(tiny: bool, reward: str = "jpeg_compressibility") -> Config:
         model="CompVis/stable-diffusion-v1-4",
         reward=reward,
         prompts=imagenet_animals(),
+        heldout_prompts=everyday_objects(),
         epochs=100,
         sample=SampleConfig(batch_size=8, num_batches_per_epoch=4),
         train=TrainConfig(batch_size=4, gradient_accumulation_steps=2),
@@ -388,6 +447,7 @@ def aesthetic(tiny: bool) -> Config:
         model="CompVis/stable-diffusion-v1-4",
         reward="aesthetic",
         prompts=simple_animals(),
+        heldout_prompts=interleave(heldout_animals(), everyday_objects()),
         epochs=200,
         sample=SampleConfig(batch_size=8, num_batches_per_epoch=4),
         train=TrainConfig(batch_size=4, gradient_accumulation_steps=4),
@@ -404,6 +464,7 @@ def alignment(tiny: bool) -> Config:
         model="CompVis/stable-diffusion-v1-4",
         reward="alignment",
         prompts=animal_activities(),
+        heldout_prompts=heldout_animal_activities(),
         epochs=200,
         sample=SampleConfig(batch_size=8, num_batches_per_epoch=6),
         train=TrainConfig(batch_size=4, gradient_accumulation_steps=6),

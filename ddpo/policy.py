@@ -13,6 +13,7 @@ import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -276,7 +277,6 @@ class Policy:
         size = self.unet.config.sample_size
         return (self.unet.config.in_channels, size, size)
 
-    @torch.no_grad()
     def sample(
         self,
         prompts: list[str],
@@ -286,6 +286,27 @@ class Policy:
         batch_id: str = "0-0",
     ) -> Trajectory:
         """Sample one trajectory per prompt; sample i's noise comes from seeds[i] alone."""
+        return self._sample(prompts, seeds, policy_version, sampler_id, batch_id)[0]
+
+    def sample_with_kl(
+        self, prompts: list[str], seeds: np.ndarray | list[int], **ids: Any
+    ) -> tuple[Trajectory, np.ndarray]:
+        """`sample`, and each sample's KL to the base model as `kl_to_base` gives it, computed
+        along the way: one more UNet call a step (the base model's) instead of two after."""
+        traj, kl = self._sample(prompts, seeds, kl_to_base=True, **ids)
+        assert kl is not None
+        return traj, kl
+
+    @torch.no_grad()
+    def _sample(
+        self,
+        prompts: list[str],
+        seeds: np.ndarray | list[int],
+        policy_version: int = 0,
+        sampler_id: int = 0,
+        batch_id: str = "0-0",
+        kl_to_base: bool = False,
+    ) -> tuple[Trajectory, np.ndarray | None]:
         seeds = np.asarray(seeds, dtype=np.int64)
         if len(seeds) != len(prompts):
             raise ValueError(f"got {len(prompts)} prompts but {len(seeds)} seeds")
@@ -295,10 +316,18 @@ class Policy:
             embeds = self.encode_prompts(prompts)
         x = torch.stack([torch.randn(self.latent_shape(), generator=g) for g in generators])
         x = (x * self.scheduler.init_noise_sigma).to(self.device)
-        latents, log_probs = [x], []
+        latents, log_probs, kl = [x], [], torch.zeros(b)
         for t in self.scheduler.timesteps:
             with self.threads.step(("denoise", b)):
                 eps = self.guided_noise(x.to(self.unet.dtype), t, embeds)
+                if kl_to_base:
+                    with self.base_model():
+                        base_eps = self.guided_noise(x.to(self.unet.dtype), t, embeds)
+                    mean, std = ddim_step_mean_std(self.scheduler, eps.float(), t, x, self.eta)
+                    base_mean, _ = ddim_step_mean_std(
+                        self.scheduler, base_eps.float(), t, x, self.eta
+                    )
+                    kl += gaussian_kl(mean, base_mean, std).cpu()
                 x, lp = ddim_step_with_log_prob(
                     self.scheduler, eps.float(), t, x, eta=self.eta, generator=generators
                 )
@@ -306,7 +335,7 @@ class Policy:
             log_probs.append(lp)
         with self.threads.step(("decode", b)):
             images = self.decode(x)
-        return Trajectory(
+        traj = Trajectory(
             prompts=list(prompts),
             prompt_embeds=embeds.cpu(),
             latents=torch.stack(latents, dim=1).cpu(),
@@ -318,3 +347,4 @@ class Policy:
             sampler_id=sampler_id,
             batch_id=batch_id,
         )
+        return traj, (kl / len(self.scheduler.timesteps)).numpy() if kl_to_base else None

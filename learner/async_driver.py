@@ -204,7 +204,7 @@ def run_async(driver: Any) -> list[dict]:
         version = driver.publish()  # the newest weights ref replaces the last one
         drop_stale()
         driver.evaluate_due(len(history))
-        if driver.checkpoint_due(len(history)):
+        if driver.checkpoint_due(len(history)) or driver.stop_reason:
             save_checkpoint()
 
     def save_checkpoint() -> None:
@@ -220,7 +220,7 @@ def run_async(driver: Any) -> list[dict]:
 
     def loop() -> None:
         nonlocal ready
-        while len(history) < config.epochs:
+        while len(history) < config.epochs and not driver.stop_reason:  # or the guard fired
             driver.resize_rewards()
             for i in range(len(driver.samplers)):
                 while inflight[i] < config.max_inflight:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 import os
 import time
 from collections.abc import Callable
@@ -33,6 +34,8 @@ from learner import checkpoint
 from learner.async_driver import run_async
 from learner.checkpoint import Checkpoint, CheckpointError
 from learner.errors import LearnerLost, RewardBroken
+from learner.evaluation import read_evals
+from learner.guard import Guard, evaluation_score
 from learner.heartbeat import Heartbeat
 from learner.learner import UPDATE_METRICS, Learner
 from learner.metrics import metrics_exporter, run_label
@@ -42,6 +45,7 @@ from learner.reward_pool import PoolSize, RewardPool, parse_pool_sizes
 from learner.stat_tracker import PerPromptStatTracker, batch_advantages
 from learner.wiring import SAMPLER_RESTARTS, InProcess, OnRay, role_options
 from rewards import (
+    REWARDS,
     combine_rewards,
     parse_reward_options,
     parse_reward_spec,
@@ -62,9 +66,10 @@ def epoch_schedule(config: Config, epoch: int) -> tuple[list[str], np.ndarray]:
     return prompts, rng.integers(0, 2**31 - 1, size=n, dtype=np.int64)
 
 
-def grid_schedule(config: Config) -> tuple[list[str], np.ndarray]:
-    """Fixed prompts and seeds for the image grids."""
-    prompts = list(config.prompts[: config.grid_prompts])
+def grid_schedule(config: Config, heldout: bool = False) -> tuple[list[str], np.ndarray]:
+    """Fixed prompts and seeds for the image grids and evaluations (of the training prompts, or
+    of the held-out ones)."""
+    prompts = list((config.heldout_prompts if heldout else config.prompts)[: config.grid_prompts])
     rows = [p for p in prompts for _ in range(config.grid_seeds)]
     seeds = np.tile(np.arange(config.grid_seeds, dtype=np.int64) + 10_000, len(prompts))
     return rows, seeds
@@ -140,17 +145,21 @@ class Driver:
         check_config(config)  # a bad reward, pool or --model stops here, before anything is written
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.terms = parse_reward_spec(config.reward)
+        trained = [name for _, name in self.terms]
+        self.guard = Guard.parse(config.guard, trained, sorted(REWARDS)) if config.guard else None
+        # Every reward scored: the trained ones, and the guard's, on evaluations only.
+        scored = config.reward + (f"+0*{self.guard.reward}" if self.guard else "")
         options = reward_options(
-            config.reward, parse_reward_options(config.reward_options), tiny=config.model == "tiny"
+            scored, parse_reward_options(config.reward_options), tiny=config.model == "tiny"
         )
         sizes = parse_pool_sizes(config.reward_workers, config.reward_workers_range)
         self.wiring = wiring or OnRay(
             config.address,
             min_cpus=config.num_samplers
             + sum(sizes.get(n, PoolSize()).max for _, n in self.terms)
-            + 1,
-            resources={"sampler": config.num_samplers, "learner": 1}
-            | local_role_resources(config.reward),
+            + 1
+            + bool(self.guard),
+            resources={"sampler": config.num_samplers, "learner": 1} | local_role_resources(scored),
         )
         self.exporter = metrics_exporter(config.metrics_port, config.metrics_host, self.run_name)
         self.beat = Heartbeat()  # without a terminal: a line every 30 s without one
@@ -183,16 +192,20 @@ class Driver:
                 RewardWorker, name, options[name], self.run_name, options=options_of
             )
 
-        self.pools = {
-            name: RewardPool(
+        def pool(name: str) -> RewardPool:
+            return RewardPool(
                 name,
                 sizes.get(name, PoolSize()),
                 make_actor=reward_actor_maker(name),
                 call=lambda actor, reward_input: w.call(actor, "score", reward_input),
                 kill=lambda actor: w.kill(actor),
             )
-            for _, name in self.terms
-        }
+
+        self.pools = {name: pool(name) for name in trained}
+        self.guard_pool = pool(self.guard.reward) if self.guard else None
+        self.stop_reason: str | None = None  # set by a fired guard: the run ends early
+        best = self.run_dir / "best" / "evaluation.json"  # a resumed run's best so far
+        self.best_score = json.loads(best.read_text())["score"] if best.is_file() else -math.inf
         self._control_mtime = 0.0
         self.lost_batches = 0  # batches lost with a sampler and sampled again
         self.bad_in_row = 0  # batches in a row with a non-finite or failed reward
@@ -239,11 +252,14 @@ class Driver:
         group = "weights" if self.config.mode == "async" else None  # see role_options
         return self.wiring.call(sampler, "set_weights", version, state, group=group)
 
-    def call_sampler(self, i: int, prompts: list[str], seeds: np.ndarray, min_version: int) -> Any:
+    def call_sampler(
+        self, i: int, prompts: list[str], seeds: np.ndarray, min_version: int, kl: bool = False
+    ) -> Any:
         """Start sampler i on one batch: (trajectory, reward input, meta) refs. A sampler that
-        died and restarted has no weights: `min_version` makes it refuse to sample with them."""
+        died and restarted has no weights: `min_version` makes it refuse to sample with them.
+        With `kl` the meta also holds each sample's KL to the base model."""
         w = self.wiring
-        return w.call(self.samplers[i], "sample", prompts, seeds, min_version, num_returns=3)
+        return w.call(self.samplers[i], "sample", prompts, seeds, min_version, kl, num_returns=3)
 
     def recover_sampler(self, i: int, err: BaseException) -> None:
         """After a sampler call failed with its actor: wait for the restart, re-send weights."""
@@ -444,34 +460,83 @@ class Driver:
     def grid(self, when: int | str, image: bool = True) -> dict:
         """Score the fixed prompts x seeds under the current weights (and save their image grid
         unless `image` is False): the same prompts and noise at every evaluation, so evaluations
-        pair sample by sample. Appends {"when", "reward_mean", "rewards", ...} to
-        RUN_DIR/eval.jsonl, with every sample's reward in grid order, and returns it."""
+        pair sample by sample. Appends {"when", "reward_mean", "rewards", "kl_base", ...} to
+        RUN_DIR/eval.jsonl, with every sample's reward in grid order, and the same of the
+        held-out prompts under "heldout"; returns it."""
         prompts, seeds = grid_schedule(self.config)
+        traj, record = self.evaluate(prompts, seeds)
+        if image:
+            path = self.run_dir / grid_name(when)
+            g = self.config.grid_seeds
+            images = self.wiring.get(traj).images
+            columns = [f"seed {s}" for s in seeds[:g]]
+            save_grid(images, path, columns=g, row_labels=prompts[::g], column_labels=columns)
+            if self.board:
+                self.board.image("grid", path, step=when if isinstance(when, int) else 0)
+        record = {"when": when} | record
+        if self.config.heldout_prompts:
+            _, record["heldout"] = self.evaluate(*grid_schedule(self.config, heldout=True))
+            del record["heldout"]["policy_version"]
+        with (self.run_dir / "eval.jsonl").open("a") as f:
+            f.write(json.dumps(record) + "\n")
+        self.keep_best(record)
+        self.check_guard(record)
+        return record
+
+    def keep_best(self, record: dict) -> None:
+        """RUN_DIR/best/: the LoRA of the best evaluation so far (held-out prompts first, see
+        `learner.guard`), with that evaluation in best/evaluation.json. The weights are the
+        published ones, which the evaluation sampled with (in async mode a sampler may hold an
+        older version; that evaluation is then not a candidate)."""
+        score = evaluation_score(record)
+        version, state = self.weights
+        if score <= self.best_score or self.wiring.get(version) != record["policy_version"]:
+            return
+        self.best_score = score
+        best = self.run_dir / "best"
+        save_lora(self.wiring.get(state), best)
+        summary = {k: record[k] for k in ("when", "policy_version", "reward_mean")}
+        (best / "evaluation.json").write_text(json.dumps(summary | {"score": score}) + "\n")
+
+    def check_guard(self, record: dict) -> None:
+        """Compare the guard reward of this evaluation with the start's, paired; a fired guard
+        warns, and with guard_action=stop makes the run end after this epoch."""
+        if self.guard is None or record["when"] == "start":
+            return
+        start = read_evals(self.run_dir)[0]["guard"]["rewards"]
+        reason = self.guard.verdict(start, record["guard"]["rewards"])
+        if reason:
+            log.warning("guard at %s: %s", record["when"], reason)
+            if self.config.guard_action == "stop" and self.stop_reason is None:
+                self.stop_reason = f"stopped at {record['when']} by the guard: {reason}"
+
+    def evaluate(self, prompts: list[str], seeds: np.ndarray) -> tuple[Any, dict]:
+        """Sample (prompt, seed) pairs on sampler 0 under the current weights and score them:
+        the trajectory's ref, and the evaluation record without its "when"."""
         w = self.wiring
-        traj, reward_input, meta = self.call_sampler(0, prompts, seeds, min_version=0)
+        traj, reward_input, meta = self.call_sampler(0, prompts, seeds, min_version=0, kl=True)
         refs = {name: pool.score(reward_input) for name, pool in self.pools.items()}
         results = {name: w.get(ref) for name, ref in refs.items()}
         for name, ref in refs.items():
             self.pools[name].done(ref)
         rewards, _ = combine_rewards(self.terms, results)
-        if image:
-            path = self.run_dir / grid_name(when)
-            g = self.config.grid_seeds
-            columns = [f"seed {s}" for s in seeds[:g]]
-            save_grid(w.get(traj).images, path, g, row_labels=prompts[::g], column_labels=columns)
-            if self.board:
-                self.board.image("grid", path, step=when if isinstance(when, int) else 0)
-        record = {
-            "when": when,
-            "policy_version": w.get(meta)["policy_version"],
+        guard = {}
+        if self.guard_pool is not None:
+            ref = self.guard_pool.score(reward_input)
+            scores = np.asarray(w.get(ref)[0], np.float64)
+            self.guard_pool.done(ref)
+            guard = {"guard": {"reward": self.guard_pool.name, "reward_mean": float(scores.mean())}}
+            guard["guard"]["rewards"] = [round(float(r), 6) for r in scores]
+        meta = w.get(meta)
+        return traj, guard | {
+            "policy_version": meta["policy_version"],
             "reward_mean": float(np.mean(rewards)),
             "reward_std": float(np.std(rewards)),
             "samples": len(rewards),
             "rewards": [round(float(r), 6) for r in rewards],
+            # Per-step KL of the policy to the base model on these trajectories (LoRA off).
+            "kl_base": float(np.mean(meta["kl_base"])),
         }
-        with (self.run_dir / "eval.jsonl").open("a") as f:
-            f.write(json.dumps(record) + "\n")
-        return record
 
     def resize_rewards(self) -> None:
         """Autoscale each reward pool, and apply sizes asked for in RUN_DIR/control.json
@@ -541,8 +606,9 @@ class Driver:
         """The run's actors by name: samplers, the learner, every reward pool's actors."""
         actors = {f"sampler {i}": s for i, s in enumerate(self.samplers)}
         actors["learner"] = self.learner
-        for name, pool in self.pools.items():
-            actors |= {f"reward actor {name} {i}": a for i, a in enumerate(pool.actors)}
+        pools = list(self.pools.values()) + ([self.guard_pool] if self.guard_pool else [])
+        for pool in pools:
+            actors |= {f"reward actor {pool.name} {i}": a for i, a in enumerate(pool.actors)}
         return actors
 
     def wait_started(self, actors: dict[str, Any]) -> None:
@@ -627,8 +693,11 @@ class Driver:
                 samples_file.flush()
                 self.resumable = (epoch + 1, samples_file.tell())
                 self.evaluate_due(epoch + 1)
-                if self.checkpoint_due(epoch + 1):
+                if self.checkpoint_due(epoch + 1) or self.stop_reason:
                     self.save_checkpoint(epoch + 1)
+                if self.stop_reason:
+                    log.warning("%s", self.stop_reason)
+                    break
 
     def epoch_with_retry(self, epoch: int, samples_file: Any) -> dict:
         """One epoch; if a lost node took trajectories with it before the update read them, the
@@ -707,6 +776,8 @@ class Driver:
         grid_every, eval_every = self.config.grid_every, self.config.eval_every
         image = bool(grid_every) and done % grid_every == 0
         if image or (eval_every and done % eval_every == 0):
+            if self.config.mode == "sync":  # evaluate the weights just trained, not the last sent
+                self.publish()
             with self.beat.phase(f"the evaluation after {done}"):
                 self.grid(done, image=image)
 

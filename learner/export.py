@@ -19,8 +19,9 @@ import json
 import math
 import shutil
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import tyro
 
@@ -32,7 +33,12 @@ class ExportError(RuntimeError):
     """A run directory cannot be exported; the message names the file and the fix."""
 
 
-def check_run_dir(run_dir: Path) -> tuple[dict[str, Any], Path]:
+WEIGHTS = {"last": "lora", "best": "best"}
+"""Which weights to export: the run's last (RUN_DIR/lora), or its best evaluation's (RUN_DIR/best,
+see learner.guard)."""
+
+
+def check_run_dir(run_dir: Path, weights: str = "last") -> tuple[dict[str, Any], Path]:
     """The run's config and the path of its LoRA file, after checking both can be read."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
@@ -54,7 +60,12 @@ def check_run_dir(run_dir: Path) -> tuple[dict[str, Any], Path]:
         ) from err
     if not isinstance(config, dict):
         raise ExportError(f"{config_path} is not a JSON object; it is written by learner.run")
-    lora = run_dir / "lora" / LORA_FILE
+    lora = run_dir / WEIGHTS[weights] / LORA_FILE
+    if weights == "best" and not lora.is_file():
+        raise ExportError(
+            f"{lora} does not exist: the run has evaluated nothing yet (best/ is written at each "
+            "evaluation that beats the earlier ones); export --weights last, or wait"
+        )
     if not lora.is_file():
         raise ExportError(
             f"{lora} does not exist: the run has not finished (learner.run writes the LoRA when "
@@ -90,12 +101,15 @@ def check_lora_file(path: Path) -> int:
     return len(state)
 
 
-def export_lora(run_dir: Path, out_dir: Path, overwrite: bool = False) -> Path:
-    """Write the run's LoRA, model card and plots into out_dir; return the LoRA path there."""
+def export_lora(
+    run_dir: Path, out_dir: Path, overwrite: bool = False, weights: str = "last"
+) -> Path:
+    """Write the run's LoRA (its last or its best weights), model card and plots into out_dir;
+    return the LoRA path there."""
     from learner.report import grid_files, plot_reward_curve, read_metrics
 
     run_dir, out_dir = Path(run_dir), Path(out_dir)
-    config, lora = check_run_dir(run_dir)
+    config, lora = check_run_dir(run_dir, weights)
     metrics_path = run_dir / "metrics.jsonl"
     try:
         records = read_metrics(metrics_path) if metrics_path.is_file() else []
@@ -114,8 +128,53 @@ def export_lora(run_dir: Path, out_dir: Path, overwrite: bool = False) -> Path:
         if grid.name in ("grid_start.png", "grid_end.png"):
             shutil.copyfile(grid, out_dir / grid.name)
             images.append(grid.name)
-    (out_dir / CARD_FILE).write_text(model_card(config, records, images, out_dir.name))
+    card = model_card(config, records, images, out_dir.name, evaluation_lines(run_dir, weights))
+    (out_dir / CARD_FILE).write_text(card)
     return target
+
+
+def evaluation_lines(run_dir: Path, weights: str) -> list[str]:
+    """The model card's evaluation section: the paired gains of the exported weights over the
+    start, on the training prompts and on held-out prompts never trained on."""
+    from learner.evaluation import paired_gain, read_evals
+
+    try:
+        evals = read_evals(run_dir)
+    except (OSError, ValueError):
+        return []
+    if weights == "best":
+        try:
+            best = json.loads((run_dir / "best" / "evaluation.json").read_text())
+        except (OSError, ValueError):
+            return []
+        end = next((e for e in evals if e.get("when") == best.get("when")), None)
+    else:
+        end = evals[-1] if evals and evals[-1].get("when") == "end" else None
+    if end is None or len(evals) < 2 or "rewards" not in evals[0]:
+        return []
+    lines = [
+        "## Evaluation",
+        "",
+        f"Exported: the {weights} weights (evaluation at {end['when']}, policy version "
+        f"{end.get('policy_version', '?')}). Paired gain over the start: the same fixed prompts "
+        "and seeds scored under both weights.",
+        "",
+        "| prompts | samples | start | exported | paired gain (t) |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    for label, start, now in (
+        ("training", evals[0], end),
+        ("held-out, never trained on", evals[0].get("heldout"), end.get("heldout")),
+    ):
+        if start and now:
+            gain = paired_gain(start["rewards"], now["rewards"])
+            lines.append(
+                f"| {label} | {len(now['rewards'])} | {start['reward_mean']:.4g} | "
+                f"{now['reward_mean']:.4g} | {gain['mean']:+.4g} ({gain['t']:+.1f}) |"
+            )
+    if "kl_base" in end:
+        lines += ["", f"KL to the base model (per step, on these samples): {end['kl_base']:.3g}."]
+    return lines + [""]
 
 
 def _title(config: dict[str, Any]) -> str:
@@ -123,7 +182,11 @@ def _title(config: dict[str, Any]) -> str:
 
 
 def model_card(
-    config: dict[str, Any], records: list[dict[str, Any]], images: list[str], name: str
+    config: dict[str, Any],
+    records: list[dict[str, Any]],
+    images: list[str],
+    name: str,
+    evaluation: Sequence[str] = (),
 ) -> str:
     """A Hugging Face style model card (YAML front matter + markdown)."""
     from learner.report import reward_summary
@@ -175,6 +238,7 @@ def model_card(
     else:
         lines.append("The run logged no epochs.")
     lines += [""] + [f"![{image}]({image})" for image in images] + [""]
+    lines += list(evaluation)
     lines += [
         "## Training config",
         "",
@@ -204,6 +268,7 @@ def cli(
     run_dir: Annotated[Path, tyro.conf.Positional, tyro.conf.arg(metavar="RUN_DIR")],
     out_dir: Annotated[Path, tyro.conf.Positional, tyro.conf.arg(metavar="OUT_DIR")],
     overwrite: bool = False,
+    weights: Literal["last", "best"] = "last",
 ) -> None:
     """Export a run's LoRA (for `StableDiffusionPipeline.load_lora_weights`) with a model card.
 
@@ -211,9 +276,10 @@ def cli(
         run_dir: The run directory (config.json, metrics.jsonl, lora/).
         out_dir: Where to write the LoRA, README.md and plots.
         overwrite: Replace a LoRA already in OUT_DIR.
+        weights: The run's last weights, or those of its best evaluation (RUN_DIR/best).
     """
     try:
-        path = export_lora(run_dir, out_dir, overwrite)
+        path = export_lora(run_dir, out_dir, overwrite, weights)
     except ExportError as err:
         sys.exit(f"error: {err}")
     print(f"wrote {path} and {Path(out_dir) / CARD_FILE}")

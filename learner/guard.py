@@ -45,7 +45,9 @@ class Guard:
         try:
             max_drop = float(drop) if sep else 0.0
         except ValueError:
-            raise ValueError(f"--guard {spec!r}: write REWARD:MAX_DROP, e.g. aesthetic:0.5") from None
+            raise ValueError(
+                f"--guard {spec!r}: write REWARD:MAX_DROP, e.g. aesthetic:0.5"
+            ) from None
         if not max_drop >= 0:
             raise ValueError(f"--guard {spec!r}: MAX_DROP must be a number >= 0")
         return cls(name, max_drop)

@@ -20,8 +20,9 @@ from pathlib import Path
 from ddpo.config import Config
 from ddpo.policy import resolve_model
 from learner import checkpoint
+from learner.guard import Guard
 from learner.reward_pool import parse_pool_sizes
-from rewards import parse_reward_options, parse_reward_spec, reward_options
+from rewards import REWARDS, parse_reward_options, parse_reward_spec, reward_options
 
 RESUMABLE = {
     "epochs", "run_dir", "address", "grid_every", "eval_every", "metrics_port", "metrics_host",
@@ -43,6 +44,10 @@ def check_config(config: Config) -> None:
             f"--reward-workers names {unknown}, but the reward is {config.reward!r}; "
             "name one of its terms"
         )
+    if config.guard:
+        Guard.parse(config.guard, [name for _, name in terms], sorted(REWARDS))
+    if config.guard_action not in ("stop", "warn"):
+        raise ValueError(f"--guard-action {config.guard_action!r}: choose stop or warn")
     resolve_model(config.model)
 
 

@@ -11,6 +11,7 @@ advantages, update. The run directory gets config.json, metrics.jsonl, image gri
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import sys
 import time
@@ -66,9 +67,15 @@ class Args:
     max_staleness: int = 1
     """async: train on batches at most this many policy versions old; drop older ones."""
     prompts: Path | None = None
-    """Read the prompt set from this file, one prompt a line."""
+    """Read the prompt set from this file, one prompt a line (the task's held-out prompts are
+    then dropped: they were chosen against the task's own prompts)."""
+    heldout_prompts: Path | None = None
+    """Read the held-out prompts, never trained on and scored at every evaluation, from this
+    file."""
     learning_rate: float | None = None
     """Override the task's learning rate."""
+    kl_coef: float | None = None
+    """Add this times the per-step KL to the base model to the loss (default: the task's, 0)."""
     reward: str | None = None
     """Override the task's reward: a name or a weighted sum like aesthetic+0.5*alignment."""
     reward_workers: tuple[str, ...] = ()
@@ -87,8 +94,14 @@ class Args:
     """Interface for the metrics endpoint (0.0.0.0 to be scraped from other hosts)."""
     grid_every: int = 0
     """Save an image grid of fixed prompts and seeds every N epochs (0: start and end only)."""
-    eval_every: int = 0
-    """Score the fixed evaluation samples every N epochs (eval.jsonl; 0: start and end only)."""
+    eval_every: int | None = None
+    """Score the fixed evaluation samples every N epochs (eval.jsonl; 0: start and end only;
+    default: the task's)."""
+    guard: str | None = None
+    """REWARD[:MAX_DROP]: score every evaluation with this reward, not trained on, and stop when
+    it falls more than MAX_DROP below its start (paired, significantly), e.g. aesthetic:0.5."""
+    guard_action: Literal["stop", "warn"] = "stop"
+    """What a fired --guard does."""
     tensorboard: bool = False
     """Also log to RUN_DIR/tensorboard (needs the tensorboard package)."""
     save_every: int | None = None
@@ -121,7 +134,12 @@ def build_config(args: Args) -> Config:
     train = config.train
     if args.learning_rate is not None:
         train = dataclasses.replace(train, learning_rate=args.learning_rate)
+    if args.kl_coef is not None:
+        train = dataclasses.replace(train, kl_coef=args.kl_coef)
     prompts = read_prompt_file(args.prompts) if args.prompts else config.prompts
+    heldout = () if args.prompts else config.heldout_prompts
+    if args.heldout_prompts:
+        heldout = read_prompt_file(args.heldout_prompts)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     return dataclasses.replace(
         config,
@@ -133,6 +151,7 @@ def build_config(args: Args) -> Config:
         mode=args.mode,
         max_staleness=args.max_staleness,
         prompts=prompts,
+        heldout_prompts=heldout,
         reward=args.reward or config.reward,
         reward_options=args.reward_model,
         reward_workers=args.reward_workers,
@@ -141,7 +160,9 @@ def build_config(args: Args) -> Config:
         metrics_port=args.metrics_port,
         metrics_host=args.metrics_host,
         grid_every=args.grid_every,
-        eval_every=args.eval_every,
+        eval_every=config.eval_every if args.eval_every is None else args.eval_every,
+        guard=args.guard,
+        guard_action=args.guard_action,
         tensorboard=args.tensorboard,
         train=train,
         **run_options(args),
@@ -188,7 +209,8 @@ def continued(args: Args, run_dir: Path, ckpt: Checkpoint) -> Config:
     changes: dict[str, Any] = dict(
         run_dir=run_dir, address=args.address, grid_every=args.grid_every
     )
-    changes["eval_every"] = args.eval_every
+    if args.eval_every is not None:
+        changes["eval_every"] = args.eval_every
     changes |= dict(metrics_port=args.metrics_port, metrics_host=args.metrics_host)
     changes |= dict(tensorboard=args.tensorboard or config.tensorboard, **run_options(args))
     if args.epochs is not None:
@@ -296,6 +318,18 @@ def main(argv: list[str] | None = None) -> None:
         if "rewards" in evals[0] and "rewards" in evals[-1]:  # older runs logged means only
             gain = paired_gain(evals[0]["rewards"], evals[-1]["rewards"])
             paired = f", paired gain {gain['mean']:+.4f} ± {gain['se']:.4f} (t {gain['t']:+.1f})"
+        if "heldout" in evals[0] and "heldout" in evals[-1]:
+            gain = paired_gain(evals[0]["heldout"]["rewards"], evals[-1]["heldout"]["rewards"])
+            paired += (
+                f"; held-out prompts {gain['mean']:+.4f} ± {gain['se']:.4f} (t {gain['t']:+.1f})"
+            )
+        if "kl_base" in evals[-1]:
+            paired += f"; KL to the base model {evals[-1]['kl_base']:.2e}"
+        best = Path(str(config.run_dir)) / "best" / "evaluation.json"
+        if best.is_file():
+            paired += f"; best evaluation at {json.loads(best.read_text())['when']} (best/)"
+        if len(history) < config.epochs and config.guard:
+            print(f"stopped early by the guard after {len(history)} epochs (see the warning)")
         print(
             f"evaluation ({evals[0]['samples']} fixed samples): reward "
             f"{evals[0]['reward_mean']:+.4f} -> {evals[-1]['reward_mean']:+.4f}{paired}; "

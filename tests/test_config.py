@@ -111,3 +111,40 @@ def test_cli_rejects_unknown_task(capsys):
     with pytest.raises(SystemExit):
         main(["--task", "nope"])
     assert "nope" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("task", ["compressibility", "incompressibility", "aesthetic", "alignment"])
+@pytest.mark.parametrize("model", ["tiny", "CompVis/stable-diffusion-v1-4"])
+def test_heldout_prompts_are_never_trained_on(task, model):
+    """Every preset has held-out prompts, disjoint from its training prompts, and no epoch's
+    schedule ever draws one."""
+    from learner.driver import epoch_schedule, grid_schedule
+
+    config = task_config(task, model)
+    heldout = set(config.heldout_prompts)
+    assert len(heldout) >= 6 and not heldout & set(config.prompts)
+    drawn = {p for epoch in range(50) for p in epoch_schedule(config, epoch)[0]}
+    assert drawn <= set(config.prompts) and not drawn & heldout
+    prompts, _ = grid_schedule(config, heldout=True)
+    assert set(prompts) <= heldout and len(prompts) == config.grid_prompts * config.grid_seeds
+    if model == "tiny":  # whole (colour, shape, background) combinations unseen in training
+        from ddpo.tiny import world
+
+        assert heldout <= set(world.all_prompts())
+        pairs = {p.split(" on ")[0] for p in config.prompts}
+        assert not {p.split(" on ")[0] for p in heldout} & pairs
+
+
+def test_heldout_prompts_must_not_be_trained_on(tmp_path):
+    config = task_config("compressibility", "tiny")
+    with pytest.raises(ValueError, match="held-out prompts are also training prompts"):
+        dataclasses.replace(config, heldout_prompts=config.prompts[:1])
+    # --prompts drops the preset's held-out set (chosen against its own prompts);
+    # --heldout-prompts gives one.
+    mine = tmp_path / "mine.txt"
+    mine.write_text("a red circle on a plain background\n")
+    other = tmp_path / "other.txt"
+    other.write_text("a blue circle on a plain background\n")
+    assert build_config(Args(prompts=mine)).heldout_prompts == ()
+    built = build_config(Args(prompts=mine, heldout_prompts=other))
+    assert built.heldout_prompts == ("a blue circle on a plain background",)

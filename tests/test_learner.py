@@ -72,8 +72,8 @@ def test_timestep_fraction_and_accumulation(tiny_pipe):
     config = dataclasses.replace(config, train=dataclasses.replace(config.train, batch_size=2))
     learner = make_learner(tiny_pipe, config)
     calls = []
-    original = learner.policy.log_prob
-    learner.policy.log_prob = lambda *a: calls.append(a[2]) or original(*a)
+    original = learner.policy.log_prob_and_kl
+    learner.policy.log_prob_and_kl = lambda *a, **k: calls.append(a[2]) or original(*a, **k)
     steps = []
     learner._optimizer_step = lambda: steps.append(1) or 0.0
     batch = learner.policy.sample(list(config.prompts[:4]), [0, 1, 2, 3])
@@ -95,6 +95,13 @@ def test_in_process_run_writes_run_directory(tmp_path):
     evals = [json.loads(s) for s in (tmp_path / "eval.jsonl").read_text().splitlines()]
     assert evals[0]["kl_base"] == 0.0  # LoRA's B starts at 0: the base model, exactly
     assert evals[-1]["kl_base"] > 0
+    # Held-out prompts are scored at every evaluation, never trained on.
+    heldout = [e["heldout"] for e in evals]
+    assert all(h["samples"] == 4 and len(h["rewards"]) == 4 for h in heldout)
+    assert heldout[0]["kl_base"] == 0.0 and heldout[-1]["kl_base"] > 0
+    samples = (tmp_path / "samples.jsonl").read_text().splitlines()
+    trained = {json.loads(s)["prompt"] for s in samples}
+    assert trained and not trained & set(config.heldout_prompts)
 
 
 def test_a_batch_is_never_trained_twice(tiny_pipe):

@@ -104,6 +104,9 @@ def test_kl_to_base_is_zero_at_start_and_matches_a_separate_base_model(tiny_pipe
     policy.load_lora_state_dict(state)
     traj = policy.sample(PROMPTS, [1, 2, 3, 4])
     kl = policy.kl_to_base(traj)
+    same, along = policy.sample_with_kl(PROMPTS, [1, 2, 3, 4])  # the sampler's way, while sampling
+    assert torch.equal(same.latents, traj.latents)
+    np.testing.assert_allclose(along, kl, rtol=1e-5)
     # Independent reference: the base model as its own pipeline, no adapter switching.
     base = copy.deepcopy(tiny_pipe)
     expected = np.zeros(len(traj))
