@@ -89,6 +89,7 @@ def test_a_falling_guard_stops_the_run_and_best_holds_the_best_evaluation(tmp_pa
     scores = [e["heldout"]["reward_mean"] for e in evals]
     assert best["when"] == evals[scores.index(max(scores))]["when"]
     assert (tmp_path / "best" / "pytorch_lora_weights.safetensors").is_file()
+    assert (tmp_path / "signals.png").is_file()  # the report plots the guard's fall
     # The run can be exported with either weights; the card states the held-out gain.
     from learner.export import export_lora
 

@@ -12,6 +12,7 @@ from PIL import Image
 
 from learner.report import (
     TensorBoardWriter,
+    eval_rows,
     grid_files,
     grid_name,
     read_metrics,
@@ -271,3 +272,40 @@ def defined(body: list[ast.stmt]) -> set[str]:
         elif isinstance(node, ast.Import | ast.ImportFrom):
             names |= {(a.asname or a.name).split(".")[0] for a in node.names}
     return names
+
+
+def test_held_out_kl_and_guard_in_the_report(tmp_path):
+    """Each evaluation row pairs the training, held-out and guard rewards with the start's
+    (checked against numpy), and signals.png plots them."""
+    rng = np.random.default_rng(0)
+    start, heldout, guard = (rng.normal(size=8) for _ in range(3))
+    evals = []
+    for when, shift in (("start", 0.0), (5, 0.1), ("end", 0.2)):
+        evals.append(
+            {
+                "when": when,
+                "policy_version": 0 if when == "start" else 5 if when == 5 else 10,
+                "reward_mean": float((start + shift).mean()),
+                "samples": 8,
+                "rewards": (start + shift + rng.normal(0, 0.01, 8)).tolist(),
+                "kl_base": shift / 100,
+                "heldout": {"reward_mean": 0.0, "rewards": (heldout + shift / 2).tolist()},
+                "guard": {"reward": "aesthetic", "rewards": (guard - shift).tolist()},
+            }
+        )
+    (tmp_path / "eval.jsonl").write_text("".join(json.dumps(e) + "\n" for e in evals))
+    (tmp_path / "config.json").write_text(json.dumps({"task": "compressibility", "epochs": 10}))
+    rows = eval_rows(evals)
+    for row, e in zip(rows[1:], evals[1:], strict=True):
+        diff = np.subtract(e["rewards"], evals[0]["rewards"])
+        assert row["gain"] == pytest.approx(diff.mean())
+        assert row["gain_se"] == pytest.approx(diff.std(ddof=1) / np.sqrt(8))
+        held = np.subtract(e["heldout"]["rewards"], evals[0]["heldout"]["rewards"])
+        assert row["heldout_gain"] == pytest.approx(held.mean())
+        fall = np.subtract(e["guard"]["rewards"], evals[0]["guard"]["rewards"])
+        assert row["guard_change"] == pytest.approx(fall.mean())
+        assert row["kl_base"] == e["kl_base"]
+    assert "heldout_gain" not in rows[0]
+    index = write_report(tmp_path).read_text()
+    assert (tmp_path / "signals.png").is_file() and "signals.png" in index
+    assert "heldout_gain" in index and "guard_change" in index
