@@ -238,10 +238,11 @@ class Config:
             )
         if self.num_samplers < 1:
             raise ValueError(f"num_samplers={self.num_samplers} must be at least 1")
-        if self.sample.num_batches_per_epoch % self.num_samplers:
+        if self.num_samplers > self.sample.num_batches_per_epoch and self.mode == "sync":
             raise ValueError(
-                f"sample.num_batches_per_epoch={self.sample.num_batches_per_epoch} is not divisible "
-                f"by num_samplers={self.num_samplers}; make it a multiple"
+                f"num_samplers={self.num_samplers} exceeds sample.num_batches_per_epoch="
+                f"{self.sample.num_batches_per_epoch}: in sync mode a sampler makes whole calls "
+                "of sample.batch_size, so some would idle; use fewer samplers or more, smaller calls"
             )
         total = self.sample.batch_size * self.sample.num_batches_per_epoch
         per_step = self.train.batch_size * self.train.gradient_accumulation_steps
@@ -421,7 +422,11 @@ def compressibility(tiny: bool, reward: str = "jpeg_compressibility") -> Config:
             grid_seeds=8,
             eval_every=10,
         )
-    # Paper: 8 GPUs x 8 x 4 samples per epoch, train batch 4, 2 accumulation steps, 100 epochs.
+    # Global sizes of the reference's 8-GPU run (ddpo-pytorch config/dgx.py, compressibility):
+    # per GPU 4 sampler calls of 8 and optimizer steps of 4 x 2 accumulated, so per epoch
+    # 8 x 4 x 8 GPUs = 256 samples in calls of 8, and optimizer steps of 4 x 2 x 8 = 64 samples
+    # (here micro-batches of 4, 16 accumulated); 100 epochs. --num-samplers and the learner
+    # count only decide where this runs.
     return Config(
         task=task,
         model="CompVis/stable-diffusion-v1-4",
@@ -429,8 +434,8 @@ def compressibility(tiny: bool, reward: str = "jpeg_compressibility") -> Config:
         prompts=imagenet_animals(),
         heldout_prompts=everyday_objects(),
         epochs=100,
-        sample=SampleConfig(batch_size=8, num_batches_per_epoch=4),
-        train=TrainConfig(batch_size=4, gradient_accumulation_steps=2),
+        sample=SampleConfig(batch_size=8, num_batches_per_epoch=32),
+        train=TrainConfig(batch_size=4, gradient_accumulation_steps=16),
     )
 
 
@@ -441,7 +446,9 @@ def incompressibility(tiny: bool) -> Config:
 def aesthetic(tiny: bool) -> Config:
     if tiny:
         return dataclasses.replace(compressibility(tiny=True), task="aesthetic", reward="aesthetic")
-    # Paper: simple animals, 4 accumulation steps, a 32-long stat buffer, 200 epochs.
+    # Reference (config/dgx.py, aesthetic): the 45 simple animals; per GPU 4 calls of 8 and
+    # steps of 4 x 4 accumulated, so 256 samples an epoch and steps of 128 on 8 GPUs; a
+    # 32-long stat buffer; 200 epochs.
     return Config(
         task="aesthetic",
         model="CompVis/stable-diffusion-v1-4",
@@ -449,8 +456,8 @@ def aesthetic(tiny: bool) -> Config:
         prompts=simple_animals(),
         heldout_prompts=interleave(heldout_animals(), everyday_objects()),
         epochs=200,
-        sample=SampleConfig(batch_size=8, num_batches_per_epoch=4),
-        train=TrainConfig(batch_size=4, gradient_accumulation_steps=4),
+        sample=SampleConfig(batch_size=8, num_batches_per_epoch=32),
+        train=TrainConfig(batch_size=4, gradient_accumulation_steps=32),
         stat_tracker=StatTrackerConfig(buffer_size=32, min_count=16),
     )
 
@@ -458,7 +465,9 @@ def aesthetic(tiny: bool) -> Config:
 def alignment(tiny: bool) -> Config:
     if tiny:
         return dataclasses.replace(compressibility(tiny=True), task="alignment", reward="alignment")
-    # Paper: "a(n) <animal> <activity>", 8 x 6 samples per GPU, 6 accumulation steps, 200 epochs.
+    # Reference (config/dgx.py, prompt-image alignment): "a(n) <animal> <activity>"; per GPU
+    # 6 calls of 8 and steps of 4 x 6 accumulated, so 384 samples an epoch and steps of 192 on
+    # 8 GPUs; 200 epochs.
     return Config(
         task="alignment",
         model="CompVis/stable-diffusion-v1-4",
@@ -466,8 +475,8 @@ def alignment(tiny: bool) -> Config:
         prompts=animal_activities(),
         heldout_prompts=heldout_animal_activities(),
         epochs=200,
-        sample=SampleConfig(batch_size=8, num_batches_per_epoch=6),
-        train=TrainConfig(batch_size=4, gradient_accumulation_steps=6),
+        sample=SampleConfig(batch_size=8, num_batches_per_epoch=48),
+        train=TrainConfig(batch_size=4, gradient_accumulation_steps=48),
         stat_tracker=StatTrackerConfig(buffer_size=32, min_count=16),
     )
 

@@ -116,11 +116,14 @@ class Args:
     must match its settings), else start it: what a retried job (a KubeRay RayJob) runs."""
     auto_resume: bool = False
     """If the learner is lost, start a new one from the last checkpoint instead of stopping."""
+    print_config: bool = False
+    """Print the resolved configuration, with the sizes that follow from it, as JSON and exit:
+    starts nothing and writes nothing."""
 
 
 RESUME_FLAGS = {
     "resume", "epochs", "address", "in_process", "metrics_port", "metrics_host", "grid_every",
-    "eval_every", "pending_timeout",
+    "eval_every", "pending_timeout", "print_config",
     "tensorboard", "save_every", "keep_checkpoints", "auto_resume",
 }  # fmt: skip
 """What --resume may change; everything else comes from the run's checkpoint."""
@@ -252,6 +255,24 @@ def resume_or_start(args: Args) -> tuple[Config, Checkpoint | None]:
     return wanted, None
 
 
+def resolved(config: Config) -> dict[str, Any]:
+    """The config as config.json holds it, and the sizes that follow from it: what a run with
+    these flags would do (--print-config)."""
+    per_step = config.train.batch_size * config.train.gradient_accumulation_steps
+    calls = config.sample.num_batches_per_epoch
+    split = [len(range(i, calls, config.num_samplers)) for i in range(config.num_samplers)]
+    return dataclasses.asdict(config) | {
+        "derived": {
+            "samples_per_epoch": config.samples_per_epoch,
+            "samples_per_optimizer_step": per_step,
+            "optimizer_steps_per_epoch": config.samples_per_epoch
+            // per_step
+            * config.train.num_inner_epochs,
+            "sampler_calls_per_sampler": split,
+        }
+    }
+
+
 def plan(args: Args) -> tuple[Config, Checkpoint | None]:
     """The run to do, a new one or one continued from its checkpoint, after every check that
     can be made before the run directory is created or an actor starts."""
@@ -292,6 +313,13 @@ def interrupted(run_dir: Path) -> NoReturn:
 def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     args = tyro.cli(Args, args=argv)
+    if args.print_config:
+        try:
+            config = resume_config(args)[0] if args.resume else build_config(args)
+        except (ValueError, ModelLoadError) as err:
+            fail(f"error: {err}", 2)
+        print(json.dumps(resolved(config), indent=2, default=str))
+        return
     try:
         config, ckpt = plan(args)
     except (ValueError, ModelLoadError) as err:

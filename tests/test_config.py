@@ -19,7 +19,9 @@ from learner.run import Args, build_config, main
 
 def test_paper_presets():
     comp = task_config("compressibility", "CompVis/stable-diffusion-v1-4")
-    assert comp.samples_per_epoch == 32 and comp.train.gradient_accumulation_steps == 2
+    # The reference's global sizes (8 GPUs): 256 samples an epoch, optimizer steps of 64.
+    assert comp.samples_per_epoch == 256 and comp.sample.batch_size == 8
+    assert comp.train.batch_size * comp.train.gradient_accumulation_steps == 64
     assert (
         comp.sample.num_steps == 50 and comp.sample.guidance_scale == 5.0 and comp.sample.eta == 1.0
     )
@@ -33,7 +35,8 @@ def test_paper_presets():
     assert aes.model == "some/model" and aes.stat_tracker.buffer_size == 32 and aes.epochs == 200
     assert len(simple_animals()) == 45
     align = task_config("alignment", "x/y")
-    assert align.train.gradient_accumulation_steps == 6 and align.prompts == animal_activities()
+    assert align.samples_per_epoch == 384 and align.prompts == animal_activities()
+    assert align.train.batch_size * align.train.gradient_accumulation_steps == 192
     assert len(animal_activities()) == 135
     assert (
         "an ant riding a bike" in animal_activities()
@@ -78,7 +81,8 @@ def test_batch_sizes_must_divide():
     base = task_config("compressibility")
     with pytest.raises(ValueError, match="do not divide into optimizer steps"):
         dataclasses.replace(base, sample=SampleConfig(batch_size=5, num_batches_per_epoch=1))
-    with pytest.raises(ValueError, match="not divisible by num_samplers=3"):
+    dataclasses.replace(base, num_samplers=3, sample=SampleConfig(32, num_batches_per_epoch=4))
+    with pytest.raises(ValueError, match="num_samplers=3 exceeds sample.num_batches_per_epoch=2"):
         dataclasses.replace(base, num_samplers=3)
     with pytest.raises(ValueError, match="eta"):
         SampleConfig(eta=0.0)
@@ -148,3 +152,24 @@ def test_heldout_prompts_must_not_be_trained_on(tmp_path):
     assert build_config(Args(prompts=mine)).heldout_prompts == ()
     built = build_config(Args(prompts=mine, heldout_prompts=other))
     assert built.heldout_prompts == ("a blue circle on a plain background",)
+
+
+def test_print_config_shows_the_global_sizes_and_starts_nothing(tmp_path, capsys, monkeypatch):
+    """Issue 15: 8 samplers on the paper's compressibility preset sample the reference's 256 an
+    epoch (4 calls of 8 each); nothing is written and Ray is not imported."""
+    import json
+    import sys
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setitem(sys.modules, "ray", None)  # importing ray would fail
+    model = "CompVis/stable-diffusion-v1-4"
+    main(["--task", "compressibility", "--model", model, "--num-samplers", "8", "--print-config"])
+    shown = json.loads(capsys.readouterr().out)
+    assert shown["derived"]["samples_per_epoch"] == 256
+    assert shown["derived"]["samples_per_optimizer_step"] == 64
+    assert shown["derived"]["sampler_calls_per_sampler"] == [4] * 8
+    assert shown["num_samplers"] == 8 and shown["model"] == model
+    main(["--task", "compressibility", "--model", model, "--num-samplers", "3", "--print-config"])
+    uneven = json.loads(capsys.readouterr().out)["derived"]["sampler_calls_per_sampler"]
+    assert uneven == [11, 11, 10]
+    assert list(tmp_path.iterdir()) == []

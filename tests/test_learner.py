@@ -176,3 +176,18 @@ def test_read_only_arrays_from_the_object_store_train_without_a_warning(tiny_pip
         warnings.simplefilter("error")
         learner.update(advantages, rewards, batch)
     assert got[0].tolist() == [1, -1, 1, -1]
+
+
+def test_samplers_that_do_not_divide_the_batches(tmp_path):
+    """Issue 15: 3 samplers share 4 sampler calls an epoch (2, 1, 1); the epoch is whole."""
+    config = dataclasses.replace(
+        small_config(),
+        epochs=1,
+        num_samplers=3,
+        run_dir=tmp_path,
+        sample=SampleConfig(num_steps=4, batch_size=2, num_batches_per_epoch=4),
+    )
+    history = train(config, InProcess())
+    assert history[0]["samples"] == 8
+    samples = [json.loads(s) for s in (tmp_path / "samples.jsonl").read_text().splitlines()]
+    assert len(samples) == 8
