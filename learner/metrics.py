@@ -31,6 +31,10 @@ Driver metric names (the contract with deploy/grafana-dashboard.json; `record` k
 | batches_dropped(_nonfinite, _stale) | ddpo_batches_dropped_total{reason=...} (+=)   |
 | any other number                    | ddpo_metric{key="<key>"}                      |
 
+Evaluations (`exporter.evaluation(record, start)`, records of eval.jsonl):
+ddpo_eval_reward_mean{prompts="train"|"heldout"}, ddpo_eval_gain{prompts} (paired, over the
+start), ddpo_eval_kl_base, ddpo_eval_guard_change{reward}.
+
 Actor metric names (`actor_metrics()`, as Prometheus sees them through Ray):
 ray_ddpo_samples_produced_total{sampler_id}, ray_ddpo_sampling_seconds_bucket{sampler_id},
 ray_ddpo_reward_latency_seconds_bucket{reward}, ray_ddpo_queue_depth{queue}, each with `run`.
@@ -41,6 +45,8 @@ from __future__ import annotations
 import math
 import re
 from typing import Any
+
+from learner.evaluation import paired_gain
 
 PREFIX = "ddpo_"
 
@@ -136,6 +142,30 @@ class MetricsExporter:
             ["run", "key"],
             registry=r,
         )
+        self.eval_reward = Gauge(
+            PREFIX + "eval_reward_mean",
+            "Mean reward of the last evaluation's fixed samples, by prompt set.",
+            ["run", "prompts"],
+            registry=r,
+        )
+        self.eval_gain = Gauge(
+            PREFIX + "eval_gain",
+            "Paired gain of the last evaluation over the start, by prompt set.",
+            ["run", "prompts"],
+            registry=r,
+        )
+        self.eval_kl = Gauge(
+            PREFIX + "eval_kl_base",
+            "Per-step KL of the policy to the base model on the last evaluation's samples.",
+            ["run"],
+            registry=r,
+        )
+        self.eval_guard = Gauge(
+            PREFIX + "eval_guard_change",
+            "Paired change of the guard reward since the start (it fires below -MAX_DROP).",
+            ["run", "reward"],
+            registry=r,
+        )
         try:
             server, self._thread = start_http_server(port, addr=host, registry=r)
             self._server: Any = server
@@ -167,6 +197,25 @@ class MetricsExporter:
         if isinstance(samples, int | float) and isinstance(seconds, int | float) and seconds > 0:
             self.samples_per_second.labels(run=self.run).set(samples / seconds)
         self.epochs.labels(run=self.run).inc()
+
+    def evaluation(self, record: dict[str, Any], start: dict[str, Any]) -> None:
+        """Set the evaluation gauges from one record of eval.jsonl, paired with the start's:
+        training and held-out prompts, the KL to the base model, the guard reward."""
+        run = self.run
+        for prompts, now, then in (
+            ("train", record, start),
+            ("heldout", record.get("heldout"), start.get("heldout")),
+        ):
+            if now:
+                self.eval_reward.labels(run=run, prompts=prompts).set(now["reward_mean"])
+                gain = paired_gain(then["rewards"], now["rewards"])["mean"] if then else 0.0
+                self.eval_gain.labels(run=run, prompts=prompts).set(gain)
+        if record.get("kl_base") is not None:
+            self.eval_kl.labels(run=run).set(record["kl_base"])
+        guard, then = record.get("guard"), start.get("guard")
+        if guard and then:
+            change = paired_gain(then["rewards"], guard["rewards"])["mean"]
+            self.eval_guard.labels(run=run, reward=guard["reward"]).set(change)
 
     def _update_one(self, key: str, value: float) -> None:
         run = self.run
@@ -228,6 +277,9 @@ class NullExporter:
     url = None
 
     def update(self, record: dict[str, Any]) -> None:
+        pass
+
+    def evaluation(self, record: dict[str, Any], start: dict[str, Any]) -> None:
         pass
 
     def close(self) -> None:

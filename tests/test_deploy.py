@@ -379,6 +379,14 @@ def test_grafana_dashboard_queries_metrics_the_code_exports():
 
     with MetricsExporter(port=0) as exporter:
         exporter.update(FULL_RECORD)
+        evaluation = {
+            "reward_mean": 1.0,
+            "rewards": [1.0, 2.0],
+            "kl_base": 0.0,
+            "heldout": {"reward_mean": 1.0, "rewards": [1.0, 2.0]},
+            "guard": {"reward": "aesthetic", "rewards": [5.0, 6.0]},
+        }
+        exporter.evaluation(evaluation, evaluation)
         text = urllib.request.urlopen(exporter.url, timeout=10).read().decode()
     driver = {
         s.name: set(s.labels) for f in text_string_to_metric_families(text) for s in f.samples

@@ -190,3 +190,32 @@ def test_actor_metrics_carry_the_run():
     for metric in vars(metrics).values():
         assert "run" in metric._tag_keys and metric._default_tags == {"run": "alignment"}
     assert run_label(None) == "run"  # the driver's default run directory, runs/run
+
+
+def test_evaluation_gauges_pair_with_the_start():
+    start = {
+        "reward_mean": 1.0,
+        "rewards": [1.0, 2.0, 0.0],
+        "kl_base": 0.0,
+        "heldout": {"reward_mean": 0.5, "rewards": [0.5, 0.5, 0.5]},
+        "guard": {"reward": "aesthetic", "rewards": [5.0, 5.0, 5.0]},
+    }
+    later = {
+        "reward_mean": 1.5,
+        "rewards": [1.5, 2.5, 0.5],
+        "kl_base": 0.002,
+        "heldout": {"reward_mean": 0.75, "rewards": [0.75, 0.75, 0.75]},
+        "guard": {"reward": "aesthetic", "rewards": [4.0, 4.5, 4.0]},
+    }
+    with MetricsExporter(port=0) as exporter:
+        assert not any(k[0].startswith("ddpo_eval") for k in scrape(exporter))  # absent, not 0
+        exporter.evaluation(start, start)
+        exporter.evaluation(later, start)
+        got = scrape(exporter)
+    assert got[("ddpo_eval_reward_mean", (("prompts", "train"),))] == 1.5
+    assert got[("ddpo_eval_gain", (("prompts", "train"),))] == 0.5
+    assert got[("ddpo_eval_reward_mean", (("prompts", "heldout"),))] == 0.75
+    assert got[("ddpo_eval_gain", (("prompts", "heldout"),))] == 0.25
+    assert got[("ddpo_eval_kl_base", ())] == 0.002
+    assert abs(got[("ddpo_eval_guard_change", (("reward", "aesthetic"),))] + 2.5 / 3) < 1e-12
+    NullExporter().evaluation(later, start)  # metrics off: nothing to do
