@@ -286,26 +286,22 @@ class Policy:
         batch_id: str = "0-0",
     ) -> Trajectory:
         """Sample one trajectory per prompt; sample i's noise comes from seeds[i] alone."""
-        return self._sample(prompts, seeds, policy_version, sampler_id, batch_id)[0]
+        ids = dict(policy_version=policy_version, sampler_id=sampler_id, batch_id=batch_id)
+        return self._sample(prompts, seeds, ids)[0]
 
     def sample_with_kl(
         self, prompts: list[str], seeds: np.ndarray | list[int], **ids: Any
     ) -> tuple[Trajectory, np.ndarray]:
         """`sample`, and each sample's KL to the base model as `kl_to_base` gives it, computed
         along the way: one more UNet call a step (the base model's) instead of two after."""
-        traj, kl = self._sample(prompts, seeds, kl_to_base=True, **ids)
+        ids = {"policy_version": 0, "sampler_id": 0, "batch_id": "0-0"} | ids  # sample's defaults
+        traj, kl = self._sample(prompts, seeds, ids, kl_to_base=True)
         assert kl is not None
         return traj, kl
 
     @torch.no_grad()
     def _sample(
-        self,
-        prompts: list[str],
-        seeds: np.ndarray | list[int],
-        policy_version: int = 0,
-        sampler_id: int = 0,
-        batch_id: str = "0-0",
-        kl_to_base: bool = False,
+        self, prompts: list[str], seeds: np.ndarray | list[int], ids: dict, kl_to_base: bool = False
     ) -> tuple[Trajectory, np.ndarray | None]:
         seeds = np.asarray(seeds, dtype=np.int64)
         if len(seeds) != len(prompts):
@@ -343,8 +339,6 @@ class Policy:
             log_probs=torch.stack(log_probs, dim=1).cpu(),
             images=images,
             seeds=seeds,
-            policy_version=policy_version,
-            sampler_id=sampler_id,
-            batch_id=batch_id,
+            **ids,
         )
         return traj, (kl / len(self.scheduler.timesteps)).numpy() if kl_to_base else None
