@@ -125,6 +125,10 @@ class Config:
     """Reward actors per reward at start, NAME=N (default 1 each)."""
     reward_workers_range: tuple[str, ...] = ()
     """Autoscaling bounds per reward pool, NAME=MIN:MAX (default: fixed at the start size)."""
+    reward_urls: tuple[str, ...] = ()
+    """NAME=URL: score reward NAME with the reward service at URL (`python -m rewards.serve`)
+    instead of a model in its reward actors; the token comes from $DDPO_REWARD_TOKEN where the
+    actors run."""
     reward_options: tuple[str, ...] = ()
     """KEY=VALUE options for the reward models (e.g. mlp=./sac+logos+ava1-l14-linearMSE.pth)."""
     prompts: tuple[str, ...] = ()

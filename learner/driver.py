@@ -49,6 +49,7 @@ from rewards import (
     combine_rewards,
     parse_reward_options,
     parse_reward_spec,
+    parse_reward_urls,
     reward_options,
     sample_records,
 )
@@ -186,10 +187,12 @@ class Driver:
         ]
         w = self.wiring
 
+        urls = parse_reward_urls(config.reward_urls, config.reward)  # served outside the cluster
+
         def reward_actor_maker(name: str) -> Callable[[], Any]:
             options_of = reward_actor_options(name, gpu=gpu)
             return lambda: create(
-                RewardWorker, name, options[name], self.run_name, options=options_of
+                RewardWorker, name, options[name], self.run_name, urls.get(name), options=options_of
             )
 
         def pool(name: str) -> RewardPool:
@@ -479,6 +482,7 @@ class Driver:
             del record["heldout"]["policy_version"]
         with (self.run_dir / "eval.jsonl").open("a") as f:
             f.write(json.dumps(record) + "\n")
+        self.exporter.evaluation(record, record if when == "start" else read_evals(self.run_dir)[0])
         self.keep_best(record)
         self.check_guard(record)
         return record

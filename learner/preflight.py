@@ -22,7 +22,13 @@ from ddpo.policy import resolve_model
 from learner import checkpoint
 from learner.guard import Guard
 from learner.reward_pool import parse_pool_sizes
-from rewards import REWARDS, parse_reward_options, parse_reward_spec, reward_options
+from rewards import (
+    REWARDS,
+    parse_reward_options,
+    parse_reward_spec,
+    parse_reward_urls,
+    reward_options,
+)
 
 RESUMABLE = {
     "epochs", "run_dir", "address", "grid_every", "eval_every", "metrics_port", "metrics_host",
@@ -44,6 +50,7 @@ def check_config(config: Config) -> None:
             f"--reward-workers names {unknown}, but the reward is {config.reward!r}; "
             "name one of its terms"
         )
+    parse_reward_urls(config.reward_urls, config.reward)
     if config.guard:
         Guard.parse(config.guard, [name for _, name in terms], sorted(REWARDS))
     if config.guard_action not in ("stop", "warn"):

@@ -84,6 +84,9 @@ class Args:
     """Let a reward pool grow/shrink with its backlog within NAME=MIN:MAX (e.g. aesthetic=1:8)."""
     reward_model: tuple[str, ...] = ()
     """Reward model options KEY=VALUE, e.g. mlp=./sac+logos+ava1-l14-linearMSE.pth llava=DIR."""
+    reward_url: tuple[str, ...] = ()
+    """NAME=URL: score reward NAME with a reward service (python -m rewards.serve) at URL;
+    its token from $DDPO_REWARD_TOKEN where the reward actors run."""
     device: str = "cpu"
     """cpu or cuda."""
     in_process: bool = False
@@ -157,6 +160,7 @@ def build_config(args: Args) -> Config:
         heldout_prompts=heldout,
         reward=args.reward or config.reward,
         reward_options=args.reward_model,
+        reward_urls=args.reward_url,
         reward_workers=args.reward_workers,
         reward_workers_range=args.reward_workers_range,
         device=args.device,

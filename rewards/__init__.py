@@ -150,6 +150,30 @@ def parse_reward_options(items: Sequence[str]) -> dict[str, str]:
     return options
 
 
+def parse_reward_urls(items: Sequence[str], spec: str) -> dict[str, str]:
+    """["alignment=http://10.0.0.5:8085"] -> {"alignment": url}: the rewards of `spec` that a
+    reward service (`python -m rewards.serve`) scores instead of a model in the reward actor."""
+    from urllib.parse import urlsplit
+
+    names = [name for _, name in parse_reward_spec(spec)]
+    urls = {}
+    for item in items:
+        name, sep, url = item.partition("=")
+        if not sep or not url:
+            raise ValueError(f"--reward-url {item!r} must look like NAME=URL")
+        if name not in names:
+            raise ValueError(
+                f"--reward-url {item!r}: {name!r} is not a term of the reward {spec!r}"
+            )
+        parts = urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(
+                f"--reward-url {item!r}: give the service's base URL, like http://HOST:PORT"
+            )
+        urls[name] = url.rstrip("/")
+    return urls
+
+
 def make_reward(spec: str, *, tiny: bool = False, **options: Any) -> RewardFn:
     """Build the reward of `spec`: a name, or a weighted sum such as "aesthetic+0.5*alignment".
 

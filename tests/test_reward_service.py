@@ -219,3 +219,45 @@ def test_cli_serves_on_loopback_with_a_token_file(tmp_path):
     finally:
         proc.terminate()
         proc.communicate(timeout=30)
+
+
+def test_a_run_scores_its_reward_with_the_service(tmp_path, monkeypatch):
+    """--reward-url NAME=URL: the run's reward actors score through the service (its reward
+    answers 7 for every image), the token taken from $DDPO_REWARD_TOKEN."""
+    import dataclasses
+    import json
+
+    from ddpo.config import SampleConfig, StatTrackerConfig, task_config
+    from learner.driver import train
+    from learner.wiring import InProcess
+
+    calls = []
+
+    def seven(images, prompts):
+        calls.append(len(images))
+        return np.full(len(images), 7.0, np.float32), {}
+
+    service = make_server(seven, "jpeg_compressibility", TOKEN, Limits())
+    threading.Thread(target=service.serve_forever, daemon=True).start()
+    monkeypatch.setenv("DDPO_REWARD_TOKEN", TOKEN)
+    config = dataclasses.replace(
+        task_config("compressibility", "tiny"),
+        epochs=1,
+        run_dir=tmp_path,
+        reward_urls=(f"jpeg_compressibility={service.url}",),
+        sample=SampleConfig(num_steps=2, batch_size=4, num_batches_per_epoch=1),
+        stat_tracker=StatTrackerConfig(buffer_size=4, min_count=2),
+        train=dataclasses.replace(task_config("compressibility").train, batch_size=4),
+        grid_prompts=1,
+        grid_seeds=2,
+        heldout_prompts=(),
+        eval_every=0,
+    )
+    try:
+        train(config, InProcess())
+    finally:
+        service.shutdown()
+        service.server_close()
+    samples = [json.loads(s) for s in (tmp_path / "samples.jsonl").read_text().splitlines()]
+    assert [s["reward"] for s in samples] == [7.0] * 4
+    assert sum(calls) == 4 + 2 + 2  # the epoch's 4 images, the start and end evaluations' 2
