@@ -1,8 +1,8 @@
 """The reward worker: hosts one reward model (or a client of a remote reward service) and scores
 batches of images.
 
-A plain class; `learner.run` wraps it with `ray.remote(RewardWorker).options(**reward_actor_options(
-name))` where it creates the actors. With `max_concurrency > 1` (a threaded actor) calls that
+A plain class; `learner.fleet` wraps it with `ray.remote(RewardWorker).options(
+**reward_actor_options(name))` where it creates the actors. With `max_concurrency > 1` (a threaded actor) calls that
 arrive while the model is busy are coalesced into one model call of up to `max_batch_images`, so
 a GPU reward model sees large batches even when samplers send small ones.
 
@@ -26,51 +26,10 @@ from typing import Any
 import numpy as np
 
 from actors.metrics import ray_actor_metrics
-from rewards import RewardFn, make_reward, parse_reward_spec
+from rewards import RewardFn, make_reward
 from rewards.client import RewardUnavailable
 
 log = logging.getLogger("actors.reward")
-
-GPU_PER_ACTOR = {"aesthetic": 0.25, "alignment": 1.0}
-"""GPU share per reward actor on a GPU cluster. Aesthetic: CLIP ViT-L/14 (428M params, 1.7 GB
-fp32) + the MLP; alignment: LLaVA-1.5-7B in fp16 (~14 GB; 13B ~26 GB) + DeBERTa-xlarge-MNLI
-(750M params, 3 GB fp32) and activations: one 80 GB GPU holds it with room for batch 16."""
-
-ROLE_RESOURCE_PER_ACTOR = 0.001
-"""Each actor asks this much of its role resource `reward_<name>`: the resource only says where
-it may go (nodes of its type); the GPU share says how many fit on one."""
-
-
-RESTARTS = 3
-"""How often Ray restarts a lost reward actor, and re-sends a score call lost with it."""
-
-
-def reward_actor_options(
-    name: str, gpu: bool = False, role_resource: bool = True, max_concurrency: int = 4
-) -> dict[str, Any]:
-    """Ray options for one actor of reward `name` (one term of a spec): CPU, GPU share, role
-    resource `reward_<name>` (the local `ray.init` must declare it, see `local_role_resources`)
-    and a thread pool so that concurrent calls can be batched."""
-    options: dict[str, Any] = {
-        "num_cpus": 1,
-        "max_concurrency": max_concurrency,
-        # A reward actor that dies (OOM, node lost) restarts, and Ray sends the score calls that
-        # were in flight on it again: scoring is idempotent (no state but counters), so a retried
-        # call gives the same rewards and the driver never loses a batch to a reward actor.
-        # Exceptions raised by `score` are not retried (retry_exceptions stays off).
-        "max_restarts": RESTARTS,
-        "max_task_retries": RESTARTS,
-    }
-    if gpu and name in GPU_PER_ACTOR:
-        options["num_gpus"] = GPU_PER_ACTOR[name]
-    if role_resource:
-        options["resources"] = {f"reward_{name}": ROLE_RESOURCE_PER_ACTOR}
-    return options
-
-
-def local_role_resources(spec: str) -> dict[str, float]:
-    """The role resources a local `ray.init(resources=...)` must offer for the actors of `spec`."""
-    return {f"reward_{name}": 1.0 for _, name in parse_reward_spec(spec)}
 
 
 @dataclass
@@ -116,7 +75,7 @@ class RewardWorker:
         self.fn: RewardFn
         if url:
             from rewards.client import RemoteReward
-            from rewards.serve import read_token
+            from rewards.protocol import read_token
 
             token = read_token(token_file, required=False)
             self.fn = RemoteReward(url, token, **(remote_options or {}))

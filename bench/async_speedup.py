@@ -24,10 +24,10 @@ import numpy as np
 import tyro
 from common import describe, machine, markdown_table, write_json
 
-from actors.reward import local_role_resources
 from actors.sampler import Sampler
 from ddpo.config import task_config
 from learner.driver import Driver
+from learner.fleet import local_role_resources
 from learner.learner import Learner
 from learner.wiring import OnRay
 

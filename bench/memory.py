@@ -26,9 +26,9 @@ import numpy as np
 import tyro
 from common import describe, machine, markdown_table, write_json
 
-from actors.reward import local_role_resources
 from ddpo.config import task_config
 from learner.driver import Driver
+from learner.fleet import local_role_resources
 
 
 @dataclass(frozen=True)

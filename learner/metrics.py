@@ -94,36 +94,23 @@ class MetricsExporter:
         self.registry = CollectorRegistry(auto_describe=True)
         self.run = run
         r = self.registry
+
         # Every metric has labels, at least `run`: a labelled gauge has no sample until a value
         # is set, where an unlabelled one would read 0 before anything happened.
         # Two record keys may feed one gauge (staleness, staleness_mean): one gauge per name.
-        self._gauges = {
-            name: Gauge(PREFIX + name, help, ["run"], registry=r)
-            for name, help in dict(SCALARS.values()).items()
-        }
-        self.reward_mean = Gauge(
-            PREFIX + "reward_mean",
-            "Mean reward of the last epoch (total or one term).",
-            ["run", "reward"],
-            registry=r,
+        def gauge(name: str, help: str, *labels: str) -> Any:
+            return Gauge(PREFIX + name, help, ["run", *labels], registry=r)
+
+        self._gauges = {name: gauge(name, help) for name, help in dict(SCALARS.values()).items()}
+        self.reward_mean = gauge(
+            "reward_mean", "Mean reward of the last epoch (total or one term).", "reward"
         )
-        self.reward_std = Gauge(
-            PREFIX + "reward_std",
-            "Reward standard deviation of the last epoch.",
-            ["run", "reward"],
-            registry=r,
+        self.reward_std = gauge(
+            "reward_std", "Reward standard deviation of the last epoch.", "reward"
         )
-        self.busy = Gauge(
-            PREFIX + "busy_fraction",
-            "Fraction of time a role was busy.",
-            ["run", "role"],
-            registry=r,
-        )
-        self.samples_per_second = Gauge(
-            PREFIX + "samples_per_second",
-            "Samples of the last epoch / its seconds.",
-            ["run"],
-            registry=r,
+        self.busy = gauge("busy_fraction", "Fraction of time a role was busy.", "role")
+        self.samples_per_second = gauge(
+            "samples_per_second", "Samples of the last epoch / its seconds."
         )
         self.samples = Counter(PREFIX + "samples", "Samples trained on.", ["run"], registry=r)
         self.epochs = Counter(PREFIX + "epochs", "Epochs finished.", ["run"], registry=r)
@@ -136,11 +123,8 @@ class MetricsExporter:
         for reason in sorted(set(DROP_REASONS.values())):
             self.dropped.labels(run=run, reason=reason)
         self.by_staleness: dict[str, Any] = {}
-        self.other = Gauge(
-            PREFIX + "metric",
-            "Any other numeric per-epoch metric, by its record key.",
-            ["run", "key"],
-            registry=r,
+        self.other = gauge(
+            "metric", "Any other numeric per-epoch metric, by its record key.", "key"
         )
         self.eval_reward = Gauge(
             PREFIX + "eval_reward_mean",

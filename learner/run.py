@@ -289,8 +289,6 @@ def plan(args: Args) -> tuple[Config, Checkpoint | None]:
         check_config(config)
         refuse_existing(Path(str(config.run_dir)))
     check_writable(Path(str(config.run_dir)))
-    if args.in_process and config.mode == "async":
-        raise ValueError("--mode async runs on Ray only; drop --in-process")
     return config, ckpt
 
 

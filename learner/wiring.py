@@ -1,16 +1,41 @@
 """Wiring: the same driver loop runs on Ray (actors, ObjectRefs) or in one process (tests,
-debugging, the overhead benchmark). Also the Ray options of each role's actors."""
+debugging, the overhead benchmark). Where each role's actors go: `learner.fleet`."""
 
 from __future__ import annotations
 
 import logging
 import os
-from typing import Any
+from typing import Any, Protocol
 
 from ddpo.threads import actor_env
 from learner.pending import wait_started
 
-log = logging.getLogger("learner.run")
+log = logging.getLogger(__name__)
+
+
+class Wiring(Protocol):
+    """What a driver needs of the machinery under it: create actors, call their methods, get
+    results. `InProcess` and `OnRay` are the two; a test may bring its own."""
+
+    actor_errors: tuple[type[BaseException], ...]  # a call to an actor that died raises these
+    lost_errors: tuple[type[BaseException], ...]  # a result lost with its node raises these
+    timeout_errors: tuple[type[BaseException], ...]  # a `get` that timed out raises these
+
+    def create(self, cls: type, *args: Any, options: dict | None = None) -> Any: ...
+
+    def call(
+        self, handle: Any, method: str, *args: Any, num_returns: int = 1, group: str | None = None
+    ) -> Any: ...
+
+    def get(self, refs: Any, timeout: float | None = None) -> Any: ...
+
+    def get_ready(self, refs: list, timeout: float) -> list: ...
+
+    def wait(self, refs: list, num_returns: int = 1) -> list[int]: ...
+
+    def wait_started(self, actors: dict[str, Any], report_s: float, timeout_s: float) -> None: ...
+
+    def kill(self, handle: Any) -> None: ...
 
 
 class InProcess:
@@ -34,6 +59,9 @@ class InProcess:
     def get_ready(self, refs: list, timeout: float) -> list:
         return refs
 
+    def wait(self, refs: list, num_returns: int = 1) -> list[int]:
+        return list(range(min(num_returns, len(refs))))  # every call has returned already
+
     def wait_started(self, actors: dict[str, Any], report_s: float, timeout_s: float) -> None:
         pass  # created when `create` returned
 
@@ -49,10 +77,10 @@ class OnRay:
 
         self.ray = ray
         # A call to an actor that died (and was restarted, or not) raises these.
-        self.actor_errors = (ray.exceptions.RayActorError,)
+        self.actor_errors: tuple[type[BaseException], ...] = (ray.exceptions.RayActorError,)
         # A result that lived on a lost node (and cannot be recomputed) raises these.
-        self.lost_errors = (ray.exceptions.ObjectLostError,)
-        self.timeout_errors = (ray.exceptions.GetTimeoutError,)
+        self.lost_errors: tuple[type[BaseException], ...] = (ray.exceptions.ObjectLostError,)
+        self.timeout_errors: tuple[type[BaseException], ...] = (ray.exceptions.GetTimeoutError,)
         self.requests: dict[Any, dict[str, float]] = {}  # actor -> the resources it asks for
         # Inside `ray job submit` RAY_ADDRESS names the cluster: join it.
         address = address or os.environ.get("RAY_ADDRESS")
@@ -116,6 +144,11 @@ class OnRay:
         ready, _ = self.ray.wait(refs, num_returns=len(refs), timeout=timeout)
         return self.ray.get(ready)
 
+    def wait(self, refs: list, num_returns: int = 1) -> list[int]:
+        """The positions in `refs` of `num_returns` refs that are ready, waiting for them."""
+        ready = set(self.ray.wait(refs, num_returns=num_returns)[0])
+        return [i for i, ref in enumerate(refs) if ref in ready]
+
     def wait_started(self, actors: dict[str, Any], report_s: float, timeout_s: float) -> None:
         """Wait until every actor of `actors` ({name: handle}) has started; say every `report_s`
         what the waiting ones lack, and stop after `timeout_s` if nothing can give it to them
@@ -126,33 +159,3 @@ class OnRay:
     def kill(self, handle: Any) -> None:
         self.requests.pop(handle, None)
         self.ray.kill(handle)
-
-
-SAMPLER_RESTARTS = 3
-ROLE_SHARE = 0.001
-"""Each actor asks this much of its role resource: the resource says which node type may host
-it, the CPU/GPU request how many fit on one node."""
-
-
-def role_options(
-    role: str, gpu: bool, weights_group: bool = False, takes_turns: bool = False
-) -> dict[str, Any]:
-    """Ray options of a sampler or learner actor: its role resource, and one GPU on GPU runs.
-
-    weights_group (async samplers): a `weights` concurrency group, so that new weights arrive
-    during a long sample call. Without it (sync) every method runs on the actor's main thread,
-    which matters on CPU: torch's OpenMP threads started from a pool thread ran the tiny model
-    2.2x slower than from the main thread (bench/overhead.py, BENCHMARKS.md).
-
-    takes_turns (the sync learner): it trains only while the samplers wait, so it asks for no
-    CPU of its own: on one machine it uses theirs (2 cores hold a sampler, a reward actor and
-    the learner). In async mode it trains beside them and asks for one."""
-    cpus = 0 if takes_turns else 1
-    options = {"num_cpus": cpus, "num_gpus": 1 if gpu else 0, "resources": {role: ROLE_SHARE}}
-    if role == "sampler" and weights_group:
-        options["concurrency_groups"] = {"weights": 1}
-    if role == "sampler":
-        # A lost sampler restarts (re-running __init__, so with no weights); the driver re-sends
-        # the newest weights before its next batch, and resamples the batch it lost.
-        options["max_restarts"] = SAMPLER_RESTARTS
-    return options

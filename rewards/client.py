@@ -23,7 +23,7 @@ import urllib.request
 import msgpack
 import numpy as np
 
-from rewards.serve import CONTENT_TYPES, Limits, encode_images, refuse_ext
+from rewards.protocol import CONTENT_TYPES, Limits, encode_images, refuse_ext
 
 log = logging.getLogger("rewards.client")
 

@@ -42,7 +42,6 @@ def small(task, model="tiny"):
         (["--seed", "-5"], r"seed=-5 must be in \[0, 2\*\*63\)"),
         (["--epochs", "0"], "at least 1 epoch"),
         (["--eval-every", "-1"], "must be >= 0"),
-        (["--mode", "async", "--in-process"], "async runs on Ray only"),
         (["--resume-or-start", "--save-every", "0"], "needs checkpoints"),
     ],
 )

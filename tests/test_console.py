@@ -77,9 +77,10 @@ def test_the_driver_beats_through_a_silent_start(small_config, caplog, monkeypat
     """Without a TTY (`ray job submit`, a RayJob), the driver printed nothing between starting
     its actors and the first epoch line, 70-90 s on the paper's models: now it beats."""
     from learner import driver as driver_module
+    from learner import session
 
-    monkeypatch.setattr(driver_module, "Heartbeat", lambda: Heartbeat(0.1, io.StringIO()))
-    monkeypatch.setattr(driver_module, "save_lora", lambda state, path: None)
+    monkeypatch.setattr(session, "Heartbeat", lambda: Heartbeat(0.1, io.StringIO()))
+    monkeypatch.setattr(session, "save_lora", lambda state, path: None)
     caplog.set_level(logging.INFO, logger="learner.run")
     config = dataclasses.replace(small_config(), save_every=0)
     driver = driver_module.Driver(config, NoActors())

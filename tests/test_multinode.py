@@ -7,7 +7,8 @@ import json
 import pytest
 
 from learner.driver import train
-from learner.wiring import OnRay, role_options
+from learner.fleet import role_options
+from learner.wiring import OnRay
 
 REWARD = "reward_jpeg_compressibility"
 

@@ -9,8 +9,8 @@ import pytest
 
 from learner import pending
 from learner.errors import ActorsPending
+from learner.fleet import role_options
 from learner.pending import ClusterView, fixes, reason, report, stop_message
-from learner.wiring import role_options
 
 SAMPLER = {"CPU": 1, "sampler": 0.001}
 REWARD = {"CPU": 1, "reward_jpeg_compressibility": 0.001}

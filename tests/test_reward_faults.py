@@ -15,7 +15,8 @@ import numpy as np
 import pytest
 
 import rewards.client
-from actors.reward import RewardWorker, reward_actor_options
+from actors.reward import RewardWorker
+from learner.fleet import reward_actor_options
 from rewards.client import RemoteReward, RewardServiceError, RewardUnavailable
 from rewards.serve import Limits, parse_request
 

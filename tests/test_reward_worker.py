@@ -6,7 +6,8 @@ import time
 import numpy as np
 import pytest
 
-from actors.reward import RewardWorker, local_role_resources, reward_actor_options
+from actors.reward import RewardWorker
+from learner.fleet import local_role_resources, reward_actor_options
 from rewards.jpeg import jpeg_size_kb
 
 

@@ -89,7 +89,8 @@ def test_actor_env_carries_only_what_is_set(monkeypatch):
 
 def test_ray_actors_get_the_drivers_thread_settings(ray_instance, monkeypatch):
     """Values the Ray instance's workers could not have inherited (set after it started)."""
-    from learner.wiring import OnRay, role_options
+    from learner.fleet import role_options
+    from learner.wiring import OnRay
 
     class EnvProbe:  # defined here so that Ray ships it by value to the worker
         def read(self, names: list[str]) -> dict:
