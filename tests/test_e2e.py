@@ -36,6 +36,11 @@ def run(run_dir, epochs, learning_rate=None, shuffled=False):
     if learning_rate is not None:
         train = dataclasses.replace(train, learning_rate=learning_rate)
     config = dataclasses.replace(config, epochs=epochs, seed=0, run_dir=run_dir, train=train)
+    # What is judged here is the training prompts' start and end: the held-out prompts (tested
+    # in test_learner and test_guard) and the controls' middle evaluations would only cost time.
+    config = dataclasses.replace(config, heldout_prompts=())
+    if shuffled or learning_rate == 0:
+        config = dataclasses.replace(config, eval_every=0)
     history = (ShuffledDriver if shuffled else Driver)(config).run()
     return history, read_evals(run_dir)
 

@@ -29,6 +29,11 @@ def small(task, model="tiny"):  # the tiny preset shrunk to about a second an ep
         grid_prompts=2, grid_seeds=2, eval_every=0,
     )
 run.task_config = small
+# Half a second after each epoch's line, so that a signal sent on reading it lands in the run
+# (epochs of this size take about as long as the reader needs to react).
+import time, learner.runlog as runlog
+record = runlog.RunLog.record
+runlog.RunLog.record = lambda self, r: (record(self, r), time.sleep(0.5))[0]
 run.main(sys.argv[1:])
 """
 
