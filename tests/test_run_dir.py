@@ -17,7 +17,10 @@ import torch
 from learner import checkpoint
 
 LAUNCH = """
-import dataclasses, sys
+import dataclasses, signal, sys
+# A child inherits an ignored SIGINT (an earlier test's Ray leaves the suite's process so); a
+# user's shell never does: take Ctrl-C as Python does by default.
+signal.signal(signal.SIGINT, signal.default_int_handler)
 import learner.run as run
 from ddpo.config import SampleConfig, TrainConfig
 preset = run.task_config
