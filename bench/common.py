@@ -18,8 +18,14 @@ os.environ.setdefault("RAY_worker_niceness", "0")
 def machine() -> dict[str, Any]:
     """Facts a number depends on: cores, memory, versions, date and commit."""
     import psutil
-    import ray
     import torch
+
+    try:  # a GPU machine may have no Ray; the GPU benchmarks don't need it
+        import ray
+
+        ray_version = ray.__version__
+    except ImportError:
+        ray_version = None
 
     facts: dict[str, Any] = {
         "date": datetime.datetime.now().isoformat(timespec="seconds"),
@@ -29,7 +35,7 @@ def machine() -> dict[str, Any]:
         "cpu": platform.processor() or platform.machine(),
         "python": platform.python_version(),
         "torch": torch.__version__,
-        "ray": ray.__version__,
+        "ray": ray_version,
         "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
     }
     try:  # the model name is in /proc/cpuinfo on Linux

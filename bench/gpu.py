@@ -217,6 +217,12 @@ def main(args: Args) -> None:
         f"\nsample: {args.steps} guided DDIM steps and the VAE decode; train: forward and backward "
         f"over the {args.steps} steps with LoRA r4, one optimizer step. Goal: >= 40% of peak."
     )
+    # Each learner GPU trains what `ratio` sampler GPUs sample, at the same batch size.
+    ratio = results["train"]["seconds_per_image"] / results["sample"]["seconds_per_image"]
+    print(
+        f"train/sample time per image: {ratio:.2f}, so one learner GPU keeps up with "
+        f"{1 / ratio:.2f} sampler GPUs (sync: samplers wait for the update; async overlaps them)"
+    )
     out = args.out or Path("bench/results/gpu_tiny.json" if args.tiny else "bench/results/gpu.json")
     write_json(
         out,
@@ -226,6 +232,7 @@ def main(args: Args) -> None:
             "device": device,
             "dtype": str(dtype),
             "peak_tflop_per_second": peak,
+            "train_over_sample_seconds_per_image": ratio,
         }
         | results,
     )
