@@ -46,8 +46,9 @@ class Args:
     """Images per batch (sample.batch_size and train.batch_size); CFG doubles the UNet batch."""
     steps: int = 50
     """DDIM steps per trajectory."""
-    dtype: Literal["bf16", "fp16"] = "bf16"
-    """Weights and activations on CUDA (LoRA trains in fp32, as in ddpo.policy)."""
+    dtype: Literal["bf16", "fp16", "fp32", "tf32"] = "bf16"
+    """Weights and activations on CUDA (LoRA trains in fp32, as in ddpo.policy); tf32 is fp32
+    with TF32 matmuls."""
     compile: bool = False
     """torch.compile the UNet."""
     channels_last: bool = False
@@ -149,7 +150,8 @@ def main(args: Args) -> None:
             "(a CPU build, or no driver). To check the code path on CPU instead: "
             "python bench/gpu.py --tiny --device cpu"
         )
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.dtype, torch.float32)
+    torch.backends.cuda.matmul.allow_tf32 = args.dtype == "tf32"
     dtype = dtype if device == "cuda" else torch.float32
     facts = machine()
     if args.tiny:

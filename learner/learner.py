@@ -209,7 +209,6 @@ class Learner:
             for i, idx in enumerate(minibatches):
                 for k in range(n_steps):
                     step = steps[idx, k]  # [b] step index per sample
-                    old = traj.log_probs[idx, step]
                     with self.policy.threads.step(("train", len(idx))):
                         log_prob, kl = self.policy.log_prob_and_kl(
                             traj.prompt_embeds[idx],
@@ -218,17 +217,20 @@ class Learner:
                             traj.latents[idx, step + 1],
                             kl_to_base=cfg.kl_coef > 0,
                         )
+                        # The batch stays on the CPU; the loss is computed on the model's device.
+                        old = traj.log_probs[idx, step].to(log_prob.device)
+                        adv_idx = adv[idx].to(log_prob.device)
                         if importance_sampling:
                             loss, info = losses.ddpo_is_loss(
                                 log_prob,
                                 old,
-                                adv[idx],
+                                adv_idx,
                                 cfg.clip_range,
                                 cfg.adv_clip_max,
                                 cfg.dual_clip,
                             )
                         else:
-                            loss = losses.ddpo_sf_loss(log_prob, adv[idx], cfg.adv_clip_max)
+                            loss = losses.ddpo_sf_loss(log_prob, adv_idx, cfg.adv_clip_max)
                             with torch.no_grad():
                                 info = {"approx_kl": 0.5 * ((log_prob - old) ** 2).mean()}
                         if kl is not None:  # the KL to the base model, as a penalty
