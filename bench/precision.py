@@ -24,7 +24,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -106,7 +106,7 @@ def main(args: Args) -> None:
             "--device cpu --dtypes fp32"
         )
     facts = machine()
-    base = load_pipeline("tiny") if args.tiny else sd14_pipeline("cpu", torch.float32)
+    base: Any = load_pipeline("tiny") if args.tiny else sd14_pipeline("cpu", torch.float32)
     results = {}
     rows = []
     for name in args.dtypes:
