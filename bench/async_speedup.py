@@ -25,7 +25,7 @@ import tyro
 from common import describe, machine, markdown_table, write_json
 
 from actors.sampler import Sampler
-from ddpo.config import task_config
+from ddpo.presets import task_config
 from learner.driver import Driver
 from learner.fleet import local_role_resources
 from learner.learner import Learner

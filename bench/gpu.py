@@ -31,8 +31,9 @@ from broadcast import sd14_unet
 from common import describe, machine, markdown_table, write_json
 from torch.utils.flop_counter import FlopCounterMode
 
-from ddpo.config import Config, SampleConfig, TrainConfig, tiny_prompts
+from ddpo.config import Config, SampleConfig, TrainConfig
 from ddpo.policy import Policy, load_pipeline
+from ddpo.presets import tiny_prompts
 from learner.learner import Learner
 
 

@@ -32,7 +32,8 @@ from typing import Any
 import numpy as np
 import tyro
 
-from ddpo.config import Config, task_config
+from ddpo.config import Config
+from ddpo.presets import task_config
 from learner.driver import Driver
 from learner.evaluation import paired_gain, read_evals
 from learner.shuffled import ShuffledDriver
@@ -102,10 +103,10 @@ def one_run(config: Config, shuffled: bool, reuse: bool = False) -> dict:
     start = time.time()
     if not reuse:
         (ShuffledDriver if shuffled else Driver)(config, InProcess()).run()
-    evals = read_evals(Path(str(config.run_dir)))
+    evals = read_evals(Path(str(config.run.dir)))
     for e in evals:
         e["epoch"] = (
-            0 if e["when"] == "start" else config.epochs if e["when"] == "end" else e["when"]
+            0 if e["when"] == "start" else config.run.epochs if e["when"] == "end" else e["when"]
         )
     return {
         "start": evals[0]["reward_mean"],
@@ -126,7 +127,7 @@ def main(args: Args) -> None:
     config = apply_overrides(config, args.set)
     config = dataclasses.replace(
         config,
-        epochs=args.epochs if args.epochs is not None else config.epochs,
+        epochs=args.epochs if args.epochs is not None else config.run.epochs,
         eval_every=args.eval_every,
         save_every=0,
     )

@@ -26,7 +26,7 @@ import numpy as np
 import tyro
 from common import describe, machine, markdown_table, write_json
 
-from ddpo.config import task_config
+from ddpo.presets import task_config
 from learner.driver import Driver
 from learner.fleet import local_role_resources
 

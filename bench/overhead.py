@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import tyro
 
-from ddpo.config import task_config
+from ddpo.presets import task_config
 from learner.driver import train
 from learner.wiring import InProcess
 

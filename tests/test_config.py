@@ -4,17 +4,15 @@ import dataclasses
 
 import pytest
 
-from ddpo.config import (
-    Config,
-    SampleConfig,
-    TrainConfig,
+from ddpo.config import Config, SampleConfig, TrainConfig, override
+from ddpo.presets import (
     animal_activities,
     imagenet_animals,
     read_prompt_file,
     simple_animals,
     task_config,
 )
-from learner.run import Args, build_config, main
+from learner.run import fresh, main, parse
 
 
 def test_paper_presets():
@@ -32,7 +30,9 @@ def test_paper_presets():
     )
     assert len(comp.prompts) == 398 and comp.prompts[0].startswith("tench")
     aes = task_config("aesthetic", "some/model")
-    assert aes.model == "some/model" and aes.stat_tracker.buffer_size == 32 and aes.epochs == 200
+    assert (
+        aes.model == "some/model" and aes.stat_tracker.buffer_size == 32 and aes.run.epochs == 200
+    )
     assert len(simple_animals()) == 45
     align = task_config("alignment", "x/y")
     assert align.samples_per_epoch == 384 and align.prompts == animal_activities()
@@ -73,7 +73,7 @@ def test_prompt_files(tmp_path):
         read_prompt_file(binary)
     with pytest.raises(ValueError, match="does not exist"):
         read_prompt_file(tmp_path / "missing.txt")
-    config = build_config(Args(prompts=good, run_dir=tmp_path / "run"))
+    config = fresh(parse(["--prompts", str(good), "--run-dir", str(tmp_path / "run")]))
     assert config.prompts == ("a cat", "a dog")
 
 
@@ -81,9 +81,9 @@ def test_batch_sizes_must_divide():
     base = task_config("compressibility")
     with pytest.raises(ValueError, match="do not divide into optimizer steps"):
         dataclasses.replace(base, sample=SampleConfig(batch_size=5, num_batches_per_epoch=1))
-    dataclasses.replace(base, num_samplers=3, sample=SampleConfig(32, num_batches_per_epoch=4))
+    override(base, {"system.num_samplers": 3, "sample": SampleConfig(32, num_batches_per_epoch=4)})
     with pytest.raises(ValueError, match="num_samplers=3 exceeds sample.num_batches_per_epoch=2"):
-        dataclasses.replace(base, num_samplers=3)
+        override(base, {"system.num_samplers": 3})
     with pytest.raises(ValueError, match="eta"):
         SampleConfig(eta=0.0)
     with pytest.raises(ValueError, match="timestep_fraction"):
@@ -149,8 +149,8 @@ def test_heldout_prompts_must_not_be_trained_on(tmp_path):
     mine.write_text("a red circle on a plain background\n")
     other = tmp_path / "other.txt"
     other.write_text("a blue circle on a plain background\n")
-    assert build_config(Args(prompts=mine)).heldout_prompts == ()
-    built = build_config(Args(prompts=mine, heldout_prompts=other))
+    assert fresh(parse(["--prompts", str(mine)])).heldout_prompts == ()
+    built = fresh(parse(["--prompts", str(mine), "--heldout-prompts", str(other)]))
     assert built.heldout_prompts == ("a blue circle on a plain background",)
 
 
@@ -168,7 +168,7 @@ def test_print_config_shows_the_global_sizes_and_starts_nothing(tmp_path, capsys
     assert shown["derived"]["samples_per_epoch"] == 256
     assert shown["derived"]["samples_per_optimizer_step"] == 64
     assert shown["derived"]["sampler_calls_per_sampler"] == [4] * 8
-    assert shown["num_samplers"] == 8 and shown["model"] == model
+    assert shown["system"]["num_samplers"] == 8 and shown["model"] == model
     main(["--task", "compressibility", "--model", model, "--num-samplers", "3", "--print-config"])
     uneven = json.loads(capsys.readouterr().out)["derived"]["sampler_calls_per_sampler"]
     assert uneven == [11, 11, 10]

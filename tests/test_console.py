@@ -1,6 +1,5 @@
 """The console (issue 13, finding 12): no third-party warnings, and a heartbeat without a TTY."""
 
-import dataclasses
 import io
 import logging
 import os
@@ -82,7 +81,7 @@ def test_the_driver_beats_through_a_silent_start(small_config, caplog, monkeypat
     monkeypatch.setattr(session, "Heartbeat", lambda: Heartbeat(0.1, io.StringIO()))
     monkeypatch.setattr(session, "save_lora", lambda state, path: None)
     caplog.set_level(logging.INFO, logger="learner.run")
-    config = dataclasses.replace(small_config(), save_every=0)
+    config = small_config(run={"save_every": 0})
     driver = driver_module.Driver(config, NoActors())
     driver.publish = lambda: 0
     driver.grid = lambda when, image=True: time.sleep(0.25)
