@@ -1,7 +1,7 @@
 """The sampler: a policy replica that turns (prompts, seeds) into trajectories.
 
-A plain class; `learner.run` wraps it with `ray.remote` where it creates the actors. On Ray,
-`set_weights` runs in its own concurrency group, so a new version can arrive while a batch is
+A plain class; `learner.wiring` wraps it with `ray.remote` when `learner.fleet` creates the
+actors (in one process, `--in-process`, it stays a plain object). On Ray, `set_weights` runs in its own concurrency group, so a new version can arrive while a batch is
 being sampled; it is applied when the next batch starts, never inside a trajectory.
 """
 
