@@ -20,6 +20,24 @@ def tiny_pipe():
 
 
 @pytest.fixture(scope="module")
+def server(request):
+    """A jpeg_compressibility reward service in a thread, for the test module, with the module's
+    TOKEN and LIMITS."""
+    import threading
+
+    from rewards import make_reward
+    from rewards.serve import make_server
+
+    reward = make_reward("jpeg_compressibility")
+    module = request.module
+    server = make_server(reward, "jpeg_compressibility", module.TOKEN, module.LIMITS)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield server
+    server.shutdown()
+    server.server_close()
+
+
+@pytest.fixture(scope="module")
 def ray_instance():
     """One local Ray instance per test module (starting Ray costs seconds)."""
     ray = pytest.importorskip("ray")

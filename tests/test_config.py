@@ -173,3 +173,65 @@ def test_print_config_shows_the_global_sizes_and_starts_nothing(tmp_path, capsys
     uneven = json.loads(capsys.readouterr().out)["derived"]["sampler_calls_per_sampler"]
     assert uneven == [11, 11, 10]
     assert list(tmp_path.iterdir()) == []
+
+
+def test_every_config_field_is_a_flag_over_the_preset(tmp_path, capsys):
+    """Issue 14: nested flags (`--train.clip-range`), the preset's values as the defaults, the
+    old short flags as aliases, and the result in config.json's layout."""
+    import json
+
+    argv = ["--task", "aesthetic", "--train.clip-range", "1e-3", "--sample.num-steps", "7"]
+    argv += ["--epochs", "3", "--num-samplers", "2", "--system.mode", "async"]
+    config = parse(argv).config
+    preset = task_config("aesthetic", "tiny")
+    assert config.train.clip_range == 1e-3 and config.sample.num_steps == 7
+    assert config.run.epochs == 3 and config.system.num_samplers == 2
+    assert config.system.mode == "async" and config.reward == "aesthetic"
+    assert config.train.learning_rate == preset.train.learning_rate  # not given: the preset's
+    main([*argv, "--run-dir", str(tmp_path / "run"), "--print-config"])
+    shown = json.loads(capsys.readouterr().out)
+    assert shown["train"]["clip_range"] == 1e-3 and shown["sample"]["num_steps"] == 7
+    assert Config.from_dict({k: v for k, v in shown.items() if k != "derived"}) == fresh(
+        parse([*argv, "--run-dir", str(tmp_path / "run")])
+    )
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    assert "usage: python -m learner.run" in capsys.readouterr().out
+
+
+def test_a_config_json_of_the_flat_layout_is_read():
+    """Runs written before the run/system groups keep their config.json (resume, export)."""
+    config = task_config("compressibility", "tiny")
+    flat = dataclasses.asdict(config)
+    run, system = flat.pop("run"), flat.pop("system")
+    system.pop("num_learners")  # came later
+    flat |= {"run_dir": run.pop("dir")} | run | system
+    assert Config.from_dict(flat) == config
+    with pytest.raises(ValueError, match=r"fields this version does not know: \['nope'\]"):
+        Config.from_dict(flat | {"nope": 1})
+
+
+def test_override_and_what_a_resume_may_change():
+    from ddpo.config import resumable_changes
+
+    config = task_config("compressibility", "tiny")
+    changed = override(config, {"run.epochs": 90, "run": {"save_every": 1}, "seed": 3})
+    assert (changed.run.epochs, changed.run.save_every, changed.seed) == (90, 1, 3)
+    assert resumable_changes(config, changed) == ["seed"]  # run.* may change on a resume
+    assert resumable_changes(config, override(config, {"train.clip_range": 0.1})) == [
+        "train.clip_range"
+    ]
+    with pytest.raises(ValueError, match="RunConfig has no field 'epoch'; choose one of dir"):
+        override(config, {"run.epoch": 3})
+    with pytest.raises(ValueError, match=r"system.num_learners=0 must be at least 1"):
+        override(config, {"system.num_learners": 0})
+
+
+def test_presets_derive_with_one_tiny_scaler():
+    from ddpo.presets import TASKS, tiny
+
+    for task, preset in TASKS.items():
+        assert task_config(task, "tiny") == tiny(preset())
+        small = task_config(task, "tiny")
+        assert small.model == "tiny" and small.sample.num_steps == 10 and small.run.epochs == 30
+        assert small.reward == preset().reward

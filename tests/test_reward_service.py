@@ -23,16 +23,6 @@ TOKEN = "test-token-0123456789"
 LIMITS = Limits(max_body_bytes=200_000, max_images=4, max_image_pixels=64 * 64, max_prompt_chars=50)
 
 
-@pytest.fixture(scope="module")
-def server():
-    server = make_server(make_reward("jpeg_compressibility"), "jpeg_compressibility", TOKEN, LIMITS)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield server
-    server.shutdown()
-    server.server_close()
-
-
 def images(n: int, size: int = 16, seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, 256, size=(n, size, size, 3), dtype=np.uint8)
 
