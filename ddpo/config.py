@@ -390,9 +390,14 @@ def override(config: C, changes: Mapping[str, Any]) -> C:
     for path, value in changes.items():
         top, _, rest = path.partition(".")
         if top not in names:
-            raise ConfigError(
-                f"{type(config).__name__} has no field {top!r}; choose one of {', '.join(names)}"
-            )
+            moved = [
+                f"{name}.{top}"
+                for name in names
+                if dataclasses.is_dataclass(part := getattr(config, name))
+                and top in {f.name for f in dataclasses.fields(part)}
+            ]
+            hint = f"it is {moved[0]}" if moved else f"choose one of {', '.join(names)}"
+            raise ConfigError(f"{type(config).__name__} has no field {top!r}; {hint}")
         if rest:
             nested.setdefault(top, {})[rest] = value
         elif isinstance(value, Mapping):

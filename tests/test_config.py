@@ -223,6 +223,8 @@ def test_override_and_what_a_resume_may_change():
     ]
     with pytest.raises(ValueError, match="RunConfig has no field 'epoch'; choose one of dir"):
         override(config, {"run.epoch": 3})
+    with pytest.raises(ValueError, match="Config has no field 'mode'; it is system.mode"):
+        override(config, {"mode": "async"})  # the flat layout's name: where it went
     with pytest.raises(ValueError, match=r"system.num_learners=0 must be at least 1"):
         override(config, {"system.num_learners": 0})
 
