@@ -215,5 +215,5 @@ def test_a_missing_model_stops_before_anything_is_written(small_config, tmp_path
 
     run_dir = tmp_path / "run"
     with pytest.raises(ModelLoadError, match="neither `tiny`, an existing directory"):
-        train(small_config(model="./no/such/model", run_dir=run_dir), InProcess())
+        train(small_config(model="./no/such/model", run={"dir": run_dir}), InProcess())
     assert not run_dir.exists()
