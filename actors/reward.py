@@ -1,9 +1,9 @@
 """The reward worker: hosts one reward model (or a client of a remote reward service) and scores
 batches of images.
 
-A plain class; `learner.fleet` wraps it with `ray.remote(RewardWorker).options(
-**reward_actor_options(name))` where it creates the actors. With `max_concurrency > 1` (a threaded actor) calls that
-arrive while the model is busy are coalesced into one model call of up to `max_batch_images`, so
+A plain class; `learner.wiring` wraps it with `ray.remote`, with the options of
+`learner.fleet.reward_actor_options`, when the fleet creates the actors. With
+`max_concurrency > 1` (a threaded actor) calls that arrive while the model is busy are coalesced into one model call of up to `max_batch_images`, so
 a GPU reward model sees large batches even when samplers send small ones.
 
 A call that fails for this batch's result rather than through a bug (the reward service gave no
@@ -29,7 +29,7 @@ from actors.metrics import ray_actor_metrics
 from rewards import RewardFn, make_reward
 from rewards.client import RewardUnavailable
 
-log = logging.getLogger("actors.reward")
+log = logging.getLogger(__name__)
 
 
 @dataclass

@@ -1,7 +1,7 @@
 """The sampler: a policy replica that turns (prompts, seeds) into trajectories.
 
-A plain class; `learner.run` wraps it with `ray.remote` where it creates the actors. On Ray,
-`set_weights` runs in its own concurrency group, so a new version can arrive while a batch is
+A plain class; `learner.wiring` wraps it with `ray.remote` when `learner.fleet` creates the
+actors (in one process, `--in-process`, it stays a plain object). On Ray, `set_weights` runs in its own concurrency group, so a new version can arrive while a batch is
 being sampled; it is applied when the next batch starts, never inside a trajectory.
 """
 
@@ -36,7 +36,7 @@ class Sampler:
     ):
         self.sampler_id = sampler_id
         self.policy = Policy(
-            load_pipeline(config.model, config.device),
+            load_pipeline(config.model, config.system.device),
             num_steps=config.sample.num_steps,
             guidance_scale=config.sample.guidance_scale,
             eta=config.sample.eta,
@@ -47,7 +47,7 @@ class Sampler:
         # Threads per step, measured (ddpo.threads); set again at every step, since torch's
         # count is per OS thread and a threaded actor runs methods off its __init__ thread.
         self.policy.threads = ThreadGovernor(
-            threads, adaptive=adaptive_threads and config.device == "cpu"
+            threads, adaptive=adaptive_threads and config.system.device == "cpu"
         )
         self.version = 0
         self.sequence = 0
@@ -55,7 +55,7 @@ class Sampler:
         self.incarnation = uuid.uuid4().hex[:6]
         self._pending: tuple[int, dict[str, torch.Tensor]] | None = None
         self._lock = threading.Lock()
-        self.metrics = ray_actor_metrics(run_label(config.run_dir))
+        self.metrics = ray_actor_metrics(run_label(config.run.dir))
         self.tags = {"sampler_id": str(sampler_id)}
 
     def set_weights(self, version: int, state: dict[str, torch.Tensor]) -> int:

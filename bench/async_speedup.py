@@ -25,7 +25,8 @@ import tyro
 from common import describe, machine, markdown_table, write_json
 
 from actors.sampler import Sampler
-from ddpo.config import task_config
+from ddpo.config import override
+from ddpo.presets import task_config
 from learner.driver import Driver
 from learner.fleet import local_role_resources
 from learner.learner import Learner
@@ -75,12 +76,12 @@ def run_mode(mode: Literal["sync", "async"], args: Args) -> dict:
     )
     try:
         with tempfile.TemporaryDirectory() as tmp:
-            config = dataclasses.replace(
+            config = override(
                 config,
-                epochs=args.epochs,
-                mode=mode,
-                max_staleness=args.max_staleness,
-                run_dir=Path(tmp),
+                {
+                    "run": {"epochs": args.epochs, "dir": Path(tmp)},
+                    "system": {"mode": mode, "max_staleness": args.max_staleness},
+                },
             )
             history = Driver(config, Pinned(args.threads)).run()
             evals = [json.loads(line) for line in (Path(tmp) / "eval.jsonl").open()]

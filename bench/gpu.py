@@ -31,8 +31,9 @@ from broadcast import sd14_unet
 from common import describe, machine, markdown_table, write_json
 from torch.utils.flop_counter import FlopCounterMode
 
-from ddpo.config import Config, SampleConfig, TrainConfig, tiny_prompts
+from ddpo.config import Config, SampleConfig, SystemConfig, TrainConfig
 from ddpo.policy import Policy, load_pipeline
+from ddpo.presets import tiny_prompts
 from learner.learner import Learner
 
 
@@ -165,7 +166,7 @@ def main(args: Args) -> None:
     config = Config(
         model="tiny" if args.tiny else "sd14-random",
         prompts=tiny_prompts(),
-        device=device,
+        system=SystemConfig(device=device),
         sample=SampleConfig(num_steps=args.steps, batch_size=b, num_batches_per_epoch=1),
         train=TrainConfig(batch_size=b),
     )

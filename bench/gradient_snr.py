@@ -22,8 +22,8 @@ import numpy as np
 import torch
 import tyro
 
-from ddpo.config import tiny_prompts
 from ddpo.policy import LORA_TARGETS, Policy, load_pipeline
+from ddpo.presets import tiny_prompts
 from ddpo.trajectory import Trajectory
 from learner.stat_tracker import PerPromptStatTracker
 from rewards.jpeg import jpeg_compressibility

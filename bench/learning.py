@@ -32,7 +32,8 @@ from typing import Any
 import numpy as np
 import tyro
 
-from ddpo.config import Config, task_config
+from ddpo.config import Config, override
+from ddpo.presets import task_config
 from learner.driver import Driver
 from learner.evaluation import paired_gain, read_evals
 from learner.shuffled import ShuffledDriver
@@ -48,7 +49,7 @@ class Args:
     """Default: the preset's."""
     eval_every: int = 5
     set: tuple[str, ...] = ()
-    """Config overrides, dotted KEY=VALUE (JSON values): train.learning_rate=3e-3 mode=async."""
+    """Config overrides, dotted KEY=VALUE (JSON values): train.learning_rate=3e-3 system.mode=async."""
     control: bool = True
     """Also run the shuffled-advantage control of each seed."""
     plot: bool = True
@@ -60,7 +61,8 @@ class Args:
 
 
 def apply_overrides(config: Config, items: tuple[str, ...]) -> Config:
-    """KEY=VALUE with dotted keys into the nested frozen dataclasses; values parsed as JSON."""
+    """KEY=VALUE with dotted keys (`ddpo.config.override`); values parsed as JSON."""
+    changes: dict[str, Any] = {}
     for item in items:
         key, sep, raw = item.partition("=")
         if not sep:
@@ -69,19 +71,11 @@ def apply_overrides(config: Config, items: tuple[str, ...]) -> Config:
             value: Any = json.loads(raw)
         except json.JSONDecodeError:
             value = raw
-        if isinstance(value, list):
-            value = tuple(value)
-        *outer, name = key.split(".")
-        parents = [config]
-        for part in outer:
-            parents.append(getattr(parents[-1], part))
-        if not hasattr(parents[-1], name):
-            raise SystemExit(f"--set {item!r}: the config has no field {key}")
-        new = dataclasses.replace(parents[-1], **{name: value})
-        for parent, part in zip(reversed(parents[:-1]), reversed(outer), strict=True):
-            new = dataclasses.replace(parent, **{part: new})
-        config = new
-    return config
+        changes[key] = tuple(value) if isinstance(value, list) else value
+    try:
+        return override(config, changes)
+    except (ValueError, TypeError) as err:
+        raise SystemExit(f"--set {' '.join(items)}: {err}") from None
 
 
 def flat_reward(config: Config) -> float | None:
@@ -102,10 +96,10 @@ def one_run(config: Config, shuffled: bool, reuse: bool = False) -> dict:
     start = time.time()
     if not reuse:
         (ShuffledDriver if shuffled else Driver)(config, InProcess()).run()
-    evals = read_evals(Path(str(config.run_dir)))
+    evals = read_evals(Path(str(config.run.dir)))
     for e in evals:
         e["epoch"] = (
-            0 if e["when"] == "start" else config.epochs if e["when"] == "end" else e["when"]
+            0 if e["when"] == "start" else config.run.epochs if e["when"] == "end" else e["when"]
         )
     return {
         "start": evals[0]["reward_mean"],
@@ -124,11 +118,9 @@ def one_run(config: Config, shuffled: bool, reuse: bool = False) -> dict:
 def main(args: Args) -> None:
     config = task_config(args.task, args.model)
     config = apply_overrides(config, args.set)
-    config = dataclasses.replace(
-        config,
-        epochs=args.epochs if args.epochs is not None else config.epochs,
-        eval_every=args.eval_every,
-        save_every=0,
+    epochs = args.epochs if args.epochs is not None else config.run.epochs
+    config = override(
+        config, {"run": {"epochs": epochs, "eval_every": args.eval_every, "save_every": 0}}
     )
     flat = flat_reward(config)
     results = []
@@ -137,9 +129,8 @@ def main(args: Args) -> None:
         for seed in args.seeds:
             row: dict[str, Any] = {"seed": seed}
             for name in ("run", "control") if args.control else ("run",):
-                run_config = dataclasses.replace(
-                    config, seed=seed, run_dir=root / f"{args.task}-s{seed}-{name}"
-                )
+                run_dir = root / f"{args.task}-s{seed}-{name}"
+                run_config = override(config, {"seed": seed, "run.dir": run_dir})
                 row[name] = one_run(
                     run_config, shuffled=name == "control", reuse=args.from_runs is not None
                 )

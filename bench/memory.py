@@ -26,7 +26,8 @@ import numpy as np
 import tyro
 from common import describe, machine, markdown_table, write_json
 
-from ddpo.config import task_config
+from ddpo.config import override
+from ddpo.presets import task_config
 from learner.driver import Driver
 from learner.fleet import local_role_resources
 
@@ -135,8 +136,13 @@ def main(args: Args) -> None:
             sample = config.sample
             if args.num_steps:
                 sample = dataclasses.replace(sample, num_steps=args.num_steps)
-            config = dataclasses.replace(
-                config, epochs=args.epochs, mode=args.mode, run_dir=Path(tmp), sample=sample
+            config = override(
+                config,
+                {
+                    "run": {"epochs": args.epochs, "dir": Path(tmp)},
+                    "system.mode": args.mode,
+                    "sample": sample,
+                },
             )
             driver = Driver(config)
 

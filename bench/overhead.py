@@ -9,7 +9,6 @@ mean. Prints a table and writes bench/results/overhead.json.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import tempfile
@@ -20,7 +19,8 @@ from pathlib import Path
 import numpy as np
 import tyro
 
-from ddpo.config import task_config
+from ddpo.config import override
+from ddpo.presets import task_config
 from learner.driver import train
 from learner.wiring import InProcess
 
@@ -35,8 +35,8 @@ class Args:
 
 def timed_run(epochs: int, in_process: bool) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
-        config = dataclasses.replace(
-            task_config("compressibility", "tiny"), epochs=epochs, run_dir=Path(tmp)
+        config = override(
+            task_config("compressibility", "tiny"), {"run.epochs": epochs, "run.dir": Path(tmp)}
         )
         start = time.time()
         history = train(config, InProcess() if in_process else None)

@@ -1,23 +1,45 @@
-"""Run configuration: frozen dataclasses, one docstring per field, and task presets.
+"""Run configuration: frozen dataclasses, one docstring per field (they are `--help`).
 
-A task preset is a function returning a full `Config` with the paper's hyperparameters
-(Black et al. 2023, appendix; ddpo-pytorch's config/dgx.py). With `--model tiny` the same task is
-scaled down (fewer steps and samples, the tiny world's prompts) so that it runs on 2 CPU cores.
+    Config                 what is trained: task, model, reward, prompts, seed, evaluation
+      .run   RunConfig     where the run lives and how long: directory, epochs, cluster,
+                           checkpoints, metrics (all a resume may change)
+      .system SystemConfig what it runs on: device, samplers, learners, sync/async, reward pools
+      .sample / .train / .stat_tracker   the algorithm's hyperparameters
+
+Task presets are in `ddpo.presets`. `learner.run` builds its command line from these classes
+with tyro: every field is a flag (`--train.clip-range 1e-3`), and the `aliases` below keep the
+short flags (`--epochs`, `--run-dir`) that the README and deployments use.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import typing
 import unicodedata
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Any, Literal, TypeVar
+
+import tyro
 
 Algorithm = Literal["ddpo_is", "ddpo_sf", "rwr", "sparse_rwr"]
+C = TypeVar("C")
+Task = Literal["compressibility", "incompressibility", "aesthetic", "alignment"]
 
 MAX_PROMPT_CHARS = 1000
 """Longer prompts are refused: the text encoder reads only the first 77 tokens (a few hundred
 characters), and every prompt is written into config.json and every checkpoint."""
+
+
+class ConfigError(ValueError):
+    """A config value that its checks refuse; the message names the value and the fix."""
+
+
+def alias(*flags: str) -> Any:
+    """A tyro marker: the field's flag also answers to these names (the flags of the flat
+    command line that came before the sub-configs)."""
+    return tyro.conf.arg(aliases=flags)
 
 
 @dataclass(frozen=True)
@@ -35,17 +57,19 @@ class SampleConfig:
 
     def __post_init__(self) -> None:
         if self.eta <= 0:
-            raise ValueError(f"sample.eta={self.eta}: DDPO needs a stochastic sampler, use eta > 0")
+            raise ConfigError(
+                f"sample.eta={self.eta}: DDPO needs a stochastic sampler, use eta > 0"
+            )
         for name in ("num_steps", "batch_size", "num_batches_per_epoch"):
             if getattr(self, name) < 1:
-                raise ValueError(f"sample.{name}={getattr(self, name)} must be at least 1")
+                raise ConfigError(f"sample.{name}={getattr(self, name)} must be at least 1")
 
 
 @dataclass(frozen=True)
 class TrainConfig:
     algorithm: Algorithm = "ddpo_is"
     """ddpo_is (clipped importance sampling), ddpo_sf (score function), rwr or sparse_rwr."""
-    learning_rate: float = 3e-4
+    learning_rate: Annotated[float, alias("--learning-rate")] = 3e-4
     lr_schedule: Literal["constant", "cosine"] = "constant"
     """constant (the paper's), or cosine: from learning_rate at the first update down to 0 at the
     run's last (`epochs`), by policy version, so a resumed run keeps its schedule."""
@@ -62,7 +86,7 @@ class TrainConfig:
     """Passes over each epoch's samples."""
     clip_range: float = 1e-4
     """PPO clip range on the importance ratio (tuned to log-probs averaged over latent dims)."""
-    kl_coef: float = 0.0
+    kl_coef: Annotated[float, alias("--kl-coef")] = 0.0
     """Weight of the per-step KL to the base model (LoRA off) added to the DDPO loss, as in
     Flow-GRPO; 0 is the paper's setting. Costs one more UNet call per trained step."""
     adv_clip_max: float = 5.0
@@ -87,20 +111,22 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         if not 0 < self.timestep_fraction <= 1:
-            raise ValueError(f"train.timestep_fraction={self.timestep_fraction} must be in (0, 1]")
+            raise ConfigError(f"train.timestep_fraction={self.timestep_fraction} must be in (0, 1]")
         if self.learning_rate < 0:
-            raise ValueError(f"train.learning_rate={self.learning_rate} must be >= 0")
+            raise ConfigError(f"train.learning_rate={self.learning_rate} must be >= 0")
         if self.kl_coef < 0:
-            raise ValueError(f"train.kl_coef={self.kl_coef} must be >= 0 (0 turns the penalty off)")
+            raise ConfigError(
+                f"train.kl_coef={self.kl_coef} must be >= 0 (0 turns the penalty off)"
+            )
         if self.lr_schedule not in ("constant", "cosine"):
-            raise ValueError(f"train.lr_schedule={self.lr_schedule!r}: choose constant or cosine")
+            raise ConfigError(f"train.lr_schedule={self.lr_schedule!r}: choose constant or cosine")
         if self.lora_init not in ("default", "gaussian"):
-            raise ValueError(f"train.lora_init={self.lora_init!r}: choose default or gaussian")
+            raise ConfigError(f"train.lora_init={self.lora_init!r}: choose default or gaussian")
         if not self.lora_targets:
-            raise ValueError("train.lora_targets is empty; name the UNet modules to adapt")
+            raise ConfigError("train.lora_targets is empty; name the UNet modules to adapt")
         for name in ("batch_size", "gradient_accumulation_steps", "num_inner_epochs", "lora_rank"):
             if getattr(self, name) < 1:
-                raise ValueError(f"train.{name}={getattr(self, name)} must be at least 1")
+                raise ConfigError(f"train.{name}={getattr(self, name)} must be at least 1")
 
 
 @dataclass(frozen=True)
@@ -114,147 +140,228 @@ class StatTrackerConfig:
 
 
 @dataclass(frozen=True)
-class Config:
-    task: str = "compressibility"
-    """Task preset (see `ddpo.config.TASKS`)."""
-    model: str = "tiny"
-    """`tiny`, a local diffusers pipeline directory, or a hub id (CompVis/stable-diffusion-v1-4)."""
-    reward: str = "jpeg_compressibility"
-    """Reward name (see `rewards.REWARDS`) or a weighted sum like aesthetic+0.5*alignment."""
-    reward_workers: tuple[str, ...] = ()
-    """Reward actors per reward at start, NAME=N (default 1 each)."""
-    reward_workers_range: tuple[str, ...] = ()
-    """Autoscaling bounds per reward pool, NAME=MIN:MAX (default: fixed at the start size)."""
-    reward_urls: tuple[str, ...] = ()
-    """NAME=URL: score reward NAME with the reward service at URL (`python -m rewards.serve`)
-    instead of a model in its reward actors; the token comes from $DDPO_REWARD_TOKEN where the
-    actors run."""
-    reward_options: tuple[str, ...] = ()
-    """KEY=VALUE options for the reward models (e.g. mlp=./sac+logos+ava1-l14-linearMSE.pth)."""
-    prompts: tuple[str, ...] = ()
-    """The prompt set; each sample's prompt is drawn uniformly from it."""
-    heldout_prompts: tuple[str, ...] = ()
-    """Prompts never trained on: every evaluation also scores the first `grid_prompts` of them
-    with the grid's seeds, to see whether what is learned carries over (the paper, sec. 6.3)."""
-    epochs: int = 100
-    seed: int = 0
-    num_samplers: int = 1
+class PoolSize:
+    """The size of one reward's pool of actors: at start, and the bounds it scales within."""
+
+    start: int = 1
+    min: int = 1
+    max: int = 1
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.min <= self.start <= self.max:
+            raise ConfigError(
+                f"reward pool sizes need 1 <= min <= start <= max, got min={self.min} "
+                f"start={self.start} max={self.max}; a pool has at least one actor"
+            )
+
+
+def parse_pool_sizes(workers: tuple[str, ...], ranges: tuple[str, ...]) -> dict[str, PoolSize]:
+    """["aesthetic=4"], ["aesthetic=2:8"] -> {"aesthetic": PoolSize(start=4, min=2, max=8)}."""
+
+    def pairs(items: tuple[str, ...], flag: str) -> dict[str, str]:
+        out = {}
+        for item in items:
+            name, sep, value = item.partition("=")
+            if not sep or not name or not value:
+                raise ConfigError(f"{flag} {item!r} must look like NAME=VALUE, e.g. aesthetic=4")
+            out[name] = value
+        return out
+
+    def whole(flag: str, name: str, value: str) -> int:
+        if not value.strip().isdigit():
+            raise ConfigError(f"{flag} {name}={value!r}: give a whole number of actors, e.g. 4")
+        return int(value)
+
+    flag = "--reward-workers"
+    starts = {k: whole(flag, k, v) for k, v in pairs(workers, flag).items()}
+    bounds = {}
+    flag = "--reward-workers-range"
+    for name, value in pairs(ranges, flag).items():
+        low, sep, high = value.partition(":")
+        if not sep:
+            raise ConfigError(f"{flag} {name}={value!r} must be MIN:MAX, e.g. 1:8")
+        bounds[name] = (whole(flag, name, low), whole(flag, name, high))
+    sizes = {}
+    for name in starts.keys() | bounds.keys():
+        start = starts.get(name, bounds.get(name, (1, 1))[0])
+        least, most = bounds.get(name, (start, start))
+        try:
+            sizes[name] = PoolSize(start=start, min=least, max=most)
+        except ValueError as err:
+            raise ConfigError(f"{name}: {err}") from None
+    return sizes
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Where the run lives, how long it goes and what it reports: all that a resumed run may
+    change (`--resume DIR --epochs 200`); every other field is the run's own."""
+
+    dir: Annotated[Path | None, alias("--run-dir")] = None
+    """Output directory; default runs/<task>-<time>."""
+    epochs: Annotated[int, alias("--epochs")] = 100
+    """Training epochs; a resume may extend them."""
+    address: Annotated[str | None, alias("--address")] = None
+    """Ray cluster to join (e.g. auto); default starts a local Ray instance."""
+    save_every: Annotated[int, alias("--save-every")] = 5
+    """Checkpoint every N epochs (sync) or updates (async), and at the end; 0 turns it off."""
+    keep_checkpoints: Annotated[int, alias("--keep-checkpoints")] = 3
+    """Checkpoints kept in RUN_DIR/checkpoints (the newest ones)."""
+    auto_resume: Annotated[bool, alias("--auto-resume")] = False
+    """If the learner is lost, start a new one from the last checkpoint instead of stopping."""
+    metrics_port: Annotated[int | None, alias("--metrics-port")] = None
+    """Serve Prometheus metrics of the driver on this port (0 picks a free one); off if None."""
+    metrics_host: Annotated[str, alias("--metrics-host")] = "127.0.0.1"
+    """Interface of the metrics endpoint; 0.0.0.0 to let a Prometheus on another host scrape it."""
+    tensorboard: Annotated[bool, alias("--tensorboard")] = False
+    """Log scalars and grids to RUN_DIR/tensorboard (needs `pip install tensorboard`)."""
+    grid_every: Annotated[int, alias("--grid-every")] = 0
+    """Also save an image grid every N epochs (0: only at the start and the end)."""
+    eval_every: Annotated[int, alias("--eval-every")] = 0
+    """Also score the fixed evaluation samples every N epochs (0: only at the start and the
+    end); every image grid is scored too."""
+    pending_report_s: float = 30.0
+    """While actors of the run wait for resources, say every this many seconds which ones, what
+    they ask for and what the cluster has free."""
+    pending_timeout_s: Annotated[float, alias("--pending-timeout")] = 300.0
+    """Stop when actors have not started after this many seconds on a cluster that no autoscaler
+    can grow (0: wait on). With an autoscaler the run waits for its nodes, saying so."""
+
+    def __post_init__(self) -> None:
+        if self.epochs < 1:
+            raise ConfigError(f"run.epochs={self.epochs}: a run trains at least 1 epoch")
+        if self.grid_every < 0 or self.eval_every < 0:
+            raise ConfigError(
+                f"run.grid_every={self.grid_every} and run.eval_every={self.eval_every} must be "
+                ">= 0 (0: at the start and the end only)"
+            )
+        if self.save_every < 0 or self.keep_checkpoints < 1:
+            raise ConfigError(
+                f"run.save_every={self.save_every} must be >= 0 and run.keep_checkpoints="
+                f"{self.keep_checkpoints} >= 1"
+            )
+        if self.auto_resume and not self.save_every:
+            raise ConfigError("run.auto_resume needs checkpoints: set run.save_every >= 1")
+        if self.pending_report_s <= 0 or self.pending_timeout_s < 0:
+            raise ConfigError(
+                f"run.pending_report_s={self.pending_report_s} must be > 0 and "
+                f"run.pending_timeout_s={self.pending_timeout_s} >= 0 (0: wait on)"
+            )
+
+
+@dataclass(frozen=True)
+class SystemConfig:
+    """What the run runs on: the device, how many samplers and learners, sync or async, and the
+    reward pools."""
+
+    device: Annotated[str, alias("--device")] = "cpu"
+    """cpu or cuda."""
+    num_samplers: Annotated[int, alias("--num-samplers")] = 1
     """Sampler actors; sample.num_batches_per_epoch is split over them."""
-    mode: Literal["sync", "async"] = "sync"
+    num_learners: Annotated[int, alias("--num-learners")] = 1
+    """Learner actors (data-parallel)."""
+    mode: Annotated[Literal["sync", "async"], alias("--mode")] = "sync"
     """sync: sample, score, train, publish in turn (the reference). async: samplers never wait
     for the learner; the learner trains on batches at most max_staleness versions old."""
-    max_staleness: int = 1
+    max_staleness: Annotated[int, alias("--max-staleness")] = 1
     """async: a batch sampled with version v may train version v + k for k <= max_staleness;
     older batches are dropped and counted."""
     max_inflight: int = 2
     """async: sampler calls in flight per sampler (backpressure)."""
-    run_dir: Path | None = None
-    """Output directory; default runs/<task>-<time>."""
-    address: str | None = None
-    """Ray address to join; default starts a local Ray instance."""
-    device: str = "cpu"
-    """cpu or cuda."""
-    metrics_port: int | None = None
-    """Serve Prometheus metrics of the driver on this port (0 picks a free one); off if None."""
-    metrics_host: str = "127.0.0.1"
-    """Interface of the metrics endpoint; 0.0.0.0 to let a Prometheus on another host scrape it."""
-    grid_every: int = 0
-    """Also save an image grid every N epochs (0: only at the start and the end)."""
-    eval_every: int = 0
-    """Also score the fixed evaluation samples every N epochs (0: only at the start and the
-    end); every image grid is scored too."""
+    reward_workers: Annotated[tuple[str, ...], alias("--reward-workers")] = ()
+    """Reward actors per reward at start, NAME=N (default 1 each), e.g. aesthetic=4."""
+    reward_workers_range: Annotated[tuple[str, ...], alias("--reward-workers-range")] = ()
+    """Autoscaling bounds per reward pool, NAME=MIN:MAX (default: fixed at the start size),
+    e.g. aesthetic=1:8."""
+    reward_urls: Annotated[tuple[str, ...], alias("--reward-url")] = ()
+    """NAME=URL: score reward NAME with the reward service at URL (`python -m rewards.serve`)
+    instead of a model in its reward actors; the token comes from $DDPO_REWARD_TOKEN where the
+    actors run."""
+    restart_wait_s: float = 600.0
+    """How long to wait for a lost sampler to restart (on a node with room) before stopping."""
+    max_bad_batches: int = 10
+    """Stop the run when this many batches in a row had a non-finite (or failed) reward."""
+
+    def __post_init__(self) -> None:
+        for name in ("num_samplers", "num_learners", "max_inflight", "max_bad_batches"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"system.{name}={getattr(self, name)} must be at least 1")
+        if self.max_staleness < 0:
+            raise ConfigError(f"system.max_staleness={self.max_staleness} must be >= 0")
+        parse_pool_sizes(self.reward_workers, self.reward_workers_range)  # refused here
+
+    @property
+    def pool_sizes(self) -> dict[str, PoolSize]:
+        """reward_workers and reward_workers_range, typed: reward name -> its pool's size."""
+        return parse_pool_sizes(self.reward_workers, self.reward_workers_range)
+
+
+@dataclass(frozen=True)
+class Config:
+    task: Task = "compressibility"
+    """Task preset, whose settings are the defaults of every other flag."""
+    model: str = "tiny"
+    """`tiny`, a local diffusers pipeline directory, or a hub id (CompVis/stable-diffusion-v1-4)."""
+    reward: str = "jpeg_compressibility"
+    """Reward name (see `rewards.REWARDS`) or a weighted sum like aesthetic+0.5*alignment."""
+    reward_options: Annotated[tuple[str, ...], alias("--reward-model")] = ()
+    """KEY=VALUE options for the reward models (e.g. mlp=./sac+logos+ava1-l14-linearMSE.pth)."""
+    prompts: tyro.conf.Suppress[tuple[str, ...]] = ()
+    """The prompt set; each sample's prompt is drawn uniformly from it."""
+    heldout_prompts: tyro.conf.Suppress[tuple[str, ...]] = ()
+    """Prompts never trained on: every evaluation also scores the first `grid_prompts` of them
+    with the grid's seeds, to see whether what is learned carries over (the paper, sec. 6.3)."""
+    seed: int = 0
     guard: str | None = None
     """REWARD[:MAX_DROP]: a reward not trained on that scores every evaluation; when it falls,
     paired and significantly, more than MAX_DROP below its start, the run stops (or warns, see
     guard_action). E.g. aesthetic:0.5 while training compressibility."""
     guard_action: Literal["stop", "warn"] = "stop"
     """What a fired guard does: stop the run (it finishes as at its last epoch) or only warn."""
-    tensorboard: bool = False
-    """Log scalars and grids to RUN_DIR/tensorboard (needs `pip install tensorboard`)."""
-    save_every: int = 5
-    """Checkpoint every N epochs (sync) or updates (async), and at the end; 0 turns it off."""
-    keep_checkpoints: int = 3
-    """Checkpoints kept in RUN_DIR/checkpoints (the newest ones)."""
-    auto_resume: bool = False
-    """If the learner is lost, start a new one from the last checkpoint instead of stopping."""
-    max_bad_batches: int = 10
-    """Stop the run when this many batches in a row had a non-finite (or failed) reward."""
-    restart_wait_s: float = 600.0
-    """How long to wait for a lost sampler to restart (on a node with room) before stopping."""
-    pending_report_s: float = 30.0
-    """While actors of the run wait for resources, say every this many seconds which ones, what
-    they ask for and what the cluster has free."""
-    pending_timeout_s: float = 300.0
-    """Stop when actors have not started after this many seconds on a cluster that no autoscaler
-    can grow (0: wait on). With an autoscaler the run waits for its nodes, saying so."""
     grid_prompts: int = 4
     """Fixed prompts (the first of the set) in the image grids and evaluations."""
     grid_seeds: int = 4
     """Fixed seeds per grid prompt; the grid's samples are also scored (eval.jsonl)."""
+    run: RunConfig = field(default_factory=RunConfig)
+    system: SystemConfig = field(default_factory=SystemConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     stat_tracker: StatTrackerConfig = field(default_factory=StatTrackerConfig)
 
     def __post_init__(self) -> None:
         if not self.prompts:
-            raise ValueError("the prompt set is empty; give a task preset or --prompts FILE")
+            raise ConfigError("the prompt set is empty; give a task preset or --prompts FILE")
         for i, prompt in enumerate(self.prompts):
             problem = prompt_problem(prompt)
             if problem:
-                raise ValueError(f"prompt {i + 1} of the prompt set {problem}")
+                raise ConfigError(f"prompt {i + 1} of the prompt set {problem}")
         for i, prompt in enumerate(self.heldout_prompts):
             problem = prompt_problem(prompt)
             if problem:
-                raise ValueError(f"held-out prompt {i + 1} {problem}")
+                raise ConfigError(f"held-out prompt {i + 1} {problem}")
         trained = sorted(set(self.heldout_prompts) & set(self.prompts))
         if trained:
-            raise ValueError(
+            raise ConfigError(
                 f"held-out prompts are also training prompts: {trained[:3]}; a held-out prompt "
                 "must never be trained on, so remove it from one of the two sets"
             )
-        if self.epochs < 1:
-            raise ValueError(f"epochs={self.epochs}: a run trains at least 1 epoch")
         if not 0 <= self.seed < 2**63:
-            raise ValueError(
+            raise ConfigError(
                 f"seed={self.seed} must be in [0, 2**63): it seeds numpy and torch generators"
             )
-        if self.grid_every < 0 or self.eval_every < 0:
-            raise ValueError(
-                f"grid_every={self.grid_every} and eval_every={self.eval_every} must be >= 0 "
-                "(0: at the start and the end only)"
+        samplers, calls = self.system.num_samplers, self.sample.num_batches_per_epoch
+        if samplers > calls and self.system.mode == "sync":
+            raise ConfigError(
+                f"system.num_samplers={samplers} exceeds sample.num_batches_per_epoch={calls}: "
+                "in sync mode a sampler makes whole calls of sample.batch_size, so some would "
+                "idle; use fewer samplers or more, smaller calls"
             )
-        if self.max_staleness < 0 or self.max_inflight < 1:
-            raise ValueError(
-                f"max_staleness={self.max_staleness} must be >= 0 and "
-                f"max_inflight={self.max_inflight} >= 1"
-            )
-        if self.save_every < 0 or self.keep_checkpoints < 1 or self.max_bad_batches < 1:
-            raise ValueError(
-                f"save_every={self.save_every} must be >= 0, keep_checkpoints="
-                f"{self.keep_checkpoints} and max_bad_batches={self.max_bad_batches} >= 1"
-            )
-        if self.auto_resume and not self.save_every:
-            raise ValueError("auto_resume needs checkpoints: set save_every >= 1")
-        if self.pending_report_s <= 0 or self.pending_timeout_s < 0:
-            raise ValueError(
-                f"pending_report_s={self.pending_report_s} must be > 0 and pending_timeout_s="
-                f"{self.pending_timeout_s} >= 0 (0: wait on)"
-            )
-        if self.num_samplers < 1:
-            raise ValueError(f"num_samplers={self.num_samplers} must be at least 1")
-        if self.num_samplers > self.sample.num_batches_per_epoch and self.mode == "sync":
-            raise ValueError(
-                f"num_samplers={self.num_samplers} exceeds sample.num_batches_per_epoch="
-                f"{self.sample.num_batches_per_epoch}: in sync mode a sampler makes whole calls "
-                "of sample.batch_size, so some would idle; use fewer samplers or more, smaller calls"
-            )
-        total = self.sample.batch_size * self.sample.num_batches_per_epoch
         per_step = self.train.batch_size * self.train.gradient_accumulation_steps
-        if total % per_step:
-            raise ValueError(
-                f"{total} samples per epoch (sample.batch_size x num_batches_per_epoch) do not divide "
-                f"into optimizer steps of {per_step} (train.batch_size x "
-                "gradient_accumulation_steps); change one of them"
+        if self.samples_per_epoch % per_step:
+            raise ConfigError(
+                f"{self.samples_per_epoch} samples per epoch (sample.batch_size x "
+                f"num_batches_per_epoch) do not divide into optimizer steps of {per_step} "
+                "(train.batch_size x gradient_accumulation_steps); change one of them"
             )
 
     @property
@@ -263,53 +370,92 @@ class Config:
 
     @classmethod
     def from_dict(cls, data: dict) -> Config:
-        """The inverse of `dataclasses.asdict` after a JSON round trip (RUN_DIR/config.json)."""
-        nested = {"sample": SampleConfig, "train": TrainConfig, "stat_tracker": StatTrackerConfig}
-        known = {f.name: f for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - set(known))
-        if unknown:
-            raise ValueError(f"config has fields this version does not know: {unknown}")
-        values = {}
-        for name, value in data.items():
-            if name in nested:
-                value = nested[name](
-                    **{k: tuple(v) if isinstance(v, list) else v for k, v in value.items()}
-                )
-            elif isinstance(value, list):
-                value = tuple(value)
-            elif name == "run_dir" and value is not None:
-                value = Path(value)
-            values[name] = value
-        return cls(**values)
+        """The inverse of `dataclasses.asdict` after a JSON round trip (RUN_DIR/config.json);
+        also reads the flat layout of runs written before the sub-configs."""
+        return _from_dict(cls, _nested(data), "config")
 
 
-# ----- prompt sets -----
-PROMPT_DIR = Path(__file__).parent / "prompts"
+def resumable_changes(saved: Config, wanted: Config) -> list[str]:
+    """The fields, outside `run`, in which `wanted` differs from the run's `saved` config, as
+    dotted names (`train.clip_range`): what a resume may not change."""
+    return [name for name in _differences(saved, wanted) if not name.startswith("run.")]
 
 
-def read_prompt_file(path: Path | str) -> tuple[str, ...]:
-    """One prompt a line; blank lines and lines starting with # are skipped."""
-    path = Path(path)
-    if not path.is_file():
-        raise ValueError(
-            f"prompt file {path} does not exist; pass a text file with one prompt a line"
-        )
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except UnicodeDecodeError as err:
-        raise ValueError(f"prompt file {path} is not UTF-8 text ({err}); save it as UTF-8") from err
-    prompts = []
-    for number, line in enumerate(lines, 1):
-        prompt = line.strip()
-        if not prompt or prompt.startswith("#"):
-            continue
-        problem = prompt_problem(prompt)
-        if problem:
-            raise ValueError(f"prompt file {path}, line {number}: the prompt {problem}")
-        prompts.append(prompt)
-    if not prompts:
-        raise ValueError(f"prompt file {path} holds no prompts; write one prompt a line")
-    return tuple(prompts)
+def override(config: C, changes: Mapping[str, Any]) -> C:
+    """`config` with the fields named by dotted paths replaced, every level checked:
+    override(config, {"run.epochs": 3, "train.learning_rate": 1e-2}); a sub-config's changes may
+    also come as one mapping, {"run": {"epochs": 3}}."""
+    names = [f.name for f in dataclasses.fields(config)]  # type: ignore[arg-type]
+    nested: dict[str, Any] = {}
+    for path, value in changes.items():
+        top, _, rest = path.partition(".")
+        if top not in names:
+            moved = [
+                f"{name}.{top}"
+                for name in names
+                if dataclasses.is_dataclass(part := getattr(config, name))
+                and top in {f.name for f in dataclasses.fields(part)}
+            ]
+            hint = f"it is {moved[0]}" if moved else f"choose one of {', '.join(names)}"
+            raise ConfigError(f"{type(config).__name__} has no field {top!r}; {hint}")
+        if rest:
+            nested.setdefault(top, {})[rest] = value
+        elif isinstance(value, Mapping):
+            nested.setdefault(top, {}).update(value)
+        else:
+            nested[top] = value
+    for name, value in nested.items():
+        if isinstance(value, dict):
+            nested[name] = override(getattr(config, name), value)
+    return dataclasses.replace(config, **nested)  # type: ignore[type-var]
+
+
+def _differences(a: Any, b: Any, prefix: str = "") -> list[str]:
+    """Dotted names of the leaf fields in which two configs of one class differ."""
+    out = []
+    for f in dataclasses.fields(a):
+        x, y = getattr(a, f.name), getattr(b, f.name)
+        if dataclasses.is_dataclass(x):
+            out += _differences(x, y, f"{prefix}{f.name}.")
+        elif x != y:
+            out.append(prefix + f.name)
+    return out
+
+
+def _nested(data: dict) -> dict:
+    """A config.json of the flat layout (before run/system) moved into the sub-configs; a
+    nested one unchanged."""
+    moved = {"run_dir": ("run", "dir")} | {
+        f.name: (group, f.name)
+        for group, cls in (("run", RunConfig), ("system", SystemConfig))
+        for f in dataclasses.fields(cls)
+    }
+    out: dict[str, Any] = {}
+    for name, value in data.items():
+        if name in moved and name not in {f.name for f in dataclasses.fields(Config)}:
+            group, field_name = moved[name]
+            out.setdefault(group, {})[field_name] = value
+        else:
+            out[name] = value
+    return out
+
+
+def _from_dict(cls: type, data: dict, where: str) -> Any:
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ConfigError(f"{where} has fields this version does not know: {unknown}")
+    types = typing.get_type_hints(cls)
+    values = {}
+    for name, value in data.items():
+        if dataclasses.is_dataclass(types[name]) and isinstance(value, dict):
+            value = _from_dict(types[name], value, f"{where}.{name}")
+        elif isinstance(value, list):
+            value = tuple(value)
+        elif types[name] == Path | None and value is not None:
+            value = Path(value)
+        values[name] = value
+    return cls(**values)
 
 
 def prompt_problem(prompt: str) -> str | None:
@@ -325,178 +471,3 @@ def prompt_problem(prompt: str) -> str | None:
     if bad is not None:
         return f"holds the control character {bad!r}; remove it (a prompt is one line of text)"
     return None
-
-
-def simple_animals() -> tuple[str, ...]:
-    return read_prompt_file(PROMPT_DIR / "simple_animals.txt")
-
-
-def imagenet_animals() -> tuple[str, ...]:
-    """The 398 animal classes of ImageNet-1k (the paper's compressibility prompts)."""
-    return read_prompt_file(PROMPT_DIR / "imagenet_animals.txt")
-
-
-def animal_activities() -> tuple[str, ...]:
-    """ "a(n) <animal> <activity>" for the 45 simple animals and the paper's 3 activities."""
-    activities = read_prompt_file(PROMPT_DIR / "activities.txt")
-    return tuple(f"{article(a)} {a} {act}" for a in simple_animals() for act in activities)
-
-
-def heldout_animals() -> tuple[str, ...]:
-    return read_prompt_file(PROMPT_DIR / "heldout_animals.txt")
-
-
-def everyday_objects() -> tuple[str, ...]:
-    return read_prompt_file(PROMPT_DIR / "everyday_objects.txt")
-
-
-def heldout_animal_activities() -> tuple[str, ...]:
-    """Unseen animals with the training activities, then trained animals with unseen ones."""
-    unseen = read_prompt_file(PROMPT_DIR / "heldout_activities.txt")
-    seen = read_prompt_file(PROMPT_DIR / "activities.txt")
-    new_animals = [f"{article(a)} {a} {act}" for a in heldout_animals() for act in seen]
-    new_activities = [f"{article(a)} {a} {act}" for a in simple_animals() for act in unseen]
-    return interleave(new_animals, new_activities)
-
-
-def interleave(*sets: tuple[str, ...] | list[str]) -> tuple[str, ...]:
-    """a0 b0 a1 b1 ... and then the rest of the longer: the first few prompts, which the
-    evaluations score, take from every set."""
-    out = []
-    for i in range(max(map(len, sets))):
-        out += [s[i] for s in sets if i < len(s)]
-    return tuple(out)
-
-
-def article(word: str) -> str:
-    return "an" if word[0] in "aeiou" else "a"
-
-
-def tiny_world() -> tuple[str, ...]:
-    """All 72 prompts of the tiny model's world."""
-    from ddpo.tiny import world
-
-    return tuple(world.all_prompts())
-
-
-def tiny_prompts() -> tuple[str, ...]:
-    """Six prompts of the tiny world, one per colour, shapes and backgrounds cycling."""
-    from ddpo.tiny import world
-
-    return tuple(
-        world.prompt_for(colour, world.SHAPES[i % 3], world.BACKGROUNDS[i % 4])
-        for i, colour in enumerate(world.COLOURS)
-    )
-
-
-def tiny_heldout_prompts() -> tuple[str, ...]:
-    """Six prompts of the tiny world never trained on: each colour with the shape and the
-    background that the next colour has in `tiny_prompts`, so every (colour, shape, background)
-    combination, and every colour-shape pair, is unseen in training."""
-    from ddpo.tiny import world
-
-    return tuple(
-        world.prompt_for(colour, world.SHAPES[(i + 1) % 3], world.BACKGROUNDS[(i + 1) % 4])
-        for i, colour in enumerate(world.COLOURS)
-    )
-
-
-# ----- task presets -----
-def compressibility(tiny: bool, reward: str = "jpeg_compressibility") -> Config:
-    task = "compressibility" if reward == "jpeg_compressibility" else "incompressibility"
-    if tiny:
-        # Chosen by a sweep on 2 CPU cores (BENCHMARKS.md, "Learning"). The policy gradient of
-        # a few samples is mostly noise, so the preset buys samples: 10 DDIM steps and calls
-        # of 32 samples (2.5x the time of a call of 8, the tiny UNet's ops being short) give
-        # 64 samples an epoch in about 4 s. Weight drift lowers compressibility, so the trust region is
-        # tight: clip 1e-3 on the 256-dimensional latent (the paper's 1e-4 is on 16,384).
-        # Most of the gain comes in the first 30 epochs; past them the runs wander (one of five
-        # seeds gave back most of its gain by epoch 80), so the demo stops there.
-        return Config(
-            task=task,
-            model="tiny",
-            reward=reward,
-            prompts=tiny_prompts(),
-            heldout_prompts=tiny_heldout_prompts(),
-            epochs=30,
-            sample=SampleConfig(num_steps=10, batch_size=32, num_batches_per_epoch=2),
-            train=TrainConfig(learning_rate=3e-2, clip_range=1e-3, batch_size=32),
-            stat_tracker=StatTrackerConfig(buffer_size=16, min_count=4),
-            grid_prompts=6,
-            grid_seeds=8,
-            eval_every=10,
-        )
-    # Global sizes of the reference's 8-GPU run (ddpo-pytorch config/dgx.py, compressibility):
-    # per GPU 4 sampler calls of 8 and optimizer steps of 4 x 2 accumulated, so per epoch
-    # 8 x 4 x 8 GPUs = 256 samples in calls of 8, and optimizer steps of 4 x 2 x 8 = 64 samples
-    # (here micro-batches of 4, 16 accumulated); 100 epochs. --num-samplers and the learner
-    # count only decide where this runs.
-    return Config(
-        task=task,
-        model="CompVis/stable-diffusion-v1-4",
-        reward=reward,
-        prompts=imagenet_animals(),
-        heldout_prompts=everyday_objects(),
-        epochs=100,
-        sample=SampleConfig(batch_size=8, num_batches_per_epoch=32),
-        train=TrainConfig(batch_size=4, gradient_accumulation_steps=16),
-    )
-
-
-def incompressibility(tiny: bool) -> Config:
-    return compressibility(tiny, reward="jpeg_incompressibility")
-
-
-def aesthetic(tiny: bool) -> Config:
-    if tiny:
-        return dataclasses.replace(compressibility(tiny=True), task="aesthetic", reward="aesthetic")
-    # Reference (config/dgx.py, aesthetic): the 45 simple animals; per GPU 4 calls of 8 and
-    # steps of 4 x 4 accumulated, so 256 samples an epoch and steps of 128 on 8 GPUs; a
-    # 32-long stat buffer; 200 epochs.
-    return Config(
-        task="aesthetic",
-        model="CompVis/stable-diffusion-v1-4",
-        reward="aesthetic",
-        prompts=simple_animals(),
-        heldout_prompts=interleave(heldout_animals(), everyday_objects()),
-        epochs=200,
-        sample=SampleConfig(batch_size=8, num_batches_per_epoch=32),
-        train=TrainConfig(batch_size=4, gradient_accumulation_steps=32),
-        stat_tracker=StatTrackerConfig(buffer_size=32, min_count=16),
-    )
-
-
-def alignment(tiny: bool) -> Config:
-    if tiny:
-        return dataclasses.replace(compressibility(tiny=True), task="alignment", reward="alignment")
-    # Reference (config/dgx.py, prompt-image alignment): "a(n) <animal> <activity>"; per GPU
-    # 6 calls of 8 and steps of 4 x 6 accumulated, so 384 samples an epoch and steps of 192 on
-    # 8 GPUs; 200 epochs.
-    return Config(
-        task="alignment",
-        model="CompVis/stable-diffusion-v1-4",
-        reward="alignment",
-        prompts=animal_activities(),
-        heldout_prompts=heldout_animal_activities(),
-        epochs=200,
-        sample=SampleConfig(batch_size=8, num_batches_per_epoch=48),
-        train=TrainConfig(batch_size=4, gradient_accumulation_steps=48),
-        stat_tracker=StatTrackerConfig(buffer_size=32, min_count=16),
-    )
-
-
-TASKS = {
-    "compressibility": compressibility,
-    "incompressibility": incompressibility,
-    "aesthetic": aesthetic,
-    "alignment": alignment,
-}
-
-
-def task_config(task: str, model: str = "tiny") -> Config:
-    """The preset of `task`, scaled down when model is `tiny`, pointed at `model` otherwise."""
-    if task not in TASKS:
-        raise ValueError(f"unknown task {task!r}; choose one of {', '.join(TASKS)}")
-    tiny = model == "tiny"
-    config = TASKS[task](tiny)
-    return config if tiny else dataclasses.replace(config, model=model)

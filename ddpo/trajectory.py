@@ -24,7 +24,7 @@ class Trajectory:
     seeds: np.ndarray  # [B] int64, each sample's noise seed
     policy_version: int  # version of the LoRA weights that sampled every step
     sampler_id: int
-    batch_id: str  # unique within a run: "<sampler>-<sequence>"
+    batch_id: str  # unique within a run: "<sampler>-<incarnation>-<sequence>"; merged: "a+b"
 
     def __post_init__(self) -> None:
         b, t = self.log_probs.shape

@@ -126,10 +126,10 @@ class AsyncDriver:
 
     def loop(self) -> None:
         c, s, nb = self.config, self.session, self.config.sample.num_batches_per_epoch
-        while len(s.history) < c.epochs and not s.stop_reason:  # or the guard fired
+        while len(s.history) < c.run.epochs and not s.stop_reason:  # or the guard fired
             self.fleet.resize_rewards()
             for i in range(len(self.fleet.samplers)):
-                while self.inflight[i] < c.max_inflight:
+                while self.inflight[i] < c.system.max_inflight:
                     self.submit(i)
             # The update first: in one process every call has returned, and it must not starve.
             updating = [self.update_ref] if self.update_ref is not None else []
@@ -143,11 +143,11 @@ class AsyncDriver:
                 self.receive(p)
             self.drop_stale()
             # Bounded queue: keep at most what the next max_staleness + 1 updates can use.
-            overflow = max(0, len(self.ready) - nb * (c.max_staleness + 1))
+            overflow = max(0, len(self.ready) - nb * (c.system.max_staleness + 1))
             if overflow:
                 self.ready = self.ready[overflow:]
                 self.count_dropped("batches_dropped_stale", overflow)
-            if self.update_ref is None and len(self.ready) >= nb and len(s.history) < c.epochs:
+            if self.update_ref is None and len(self.ready) >= nb and len(s.history) < c.run.epochs:
                 self.start_update()
 
     def submit(self, i: int) -> None:
@@ -157,7 +157,7 @@ class AsyncDriver:
             prompts, seeds = batch_schedule(self.config, self.state.next_batch)
             self.state.next_batch += 1
         # Never sample with weights already too stale.
-        min_version = max(0, self.version - self.config.max_staleness)
+        min_version = max(0, self.version - self.config.system.max_staleness)
         traj, reward_input, meta = self.fleet.call_sampler(i, prompts, seeds, min_version)
         scores = {name: pool.score(reward_input) for name, pool in self.fleet.pools.items()}
         self.pending.append(Pending(i, traj, meta, scores, prompts, seeds))
@@ -194,7 +194,7 @@ class AsyncDriver:
 
     def drop_stale(self) -> None:
         """Drop the batches the next update could not use: too old for the current version."""
-        fresh = [s for s in self.ready if self.staleness(s) <= self.config.max_staleness]
+        fresh = [s for s in self.ready if self.staleness(s) <= self.config.system.max_staleness]
         self.count_dropped("batches_dropped_stale", len(self.ready) - len(fresh))
         self.ready = fresh
 

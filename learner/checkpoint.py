@@ -191,8 +191,8 @@ def check_state(state: Any, path: Path | str = "") -> Config:
     except (TypeError, ValueError, AttributeError) as err:
         raise ValueError(f"{at.where('config')}: {err}{at.DAMAGED}") from None
     epoch = at.count("epoch", state["epoch"])
-    if epoch > config.epochs:
-        at.bad("epoch", epoch, f"an epoch within the run's {config.epochs}")
+    if epoch > config.run.epochs:
+        at.bad("epoch", epoch, f"an epoch within the run's {config.run.epochs}")
     learner = state["learner"]
     at.mapping("learner", learner, ("version", "optimizer", "trained_batches"))
     if at.count("learner.version", learner["version"]) != epoch:

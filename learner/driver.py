@@ -1,6 +1,6 @@
 """The sync driver: DDPO epochs as the paper runs them; `learner.run` is its command line.
 
-    history = train(config)                   # on a local Ray instance (or config.address)
+    history = train(config)                   # on a local Ray instance (or config.run.address)
     history = train(config, InProcess())      # every part in this process, no Ray
 
 One epoch (`Driver.epoch`): publish the LoRA weights, sample, score, compute advantages, update;
@@ -47,7 +47,7 @@ class EmptyEpoch(Exception):
 
 
 class Driver(Session):
-    """Drives a run's epochs: sync here; `config.mode == "async"` hands the run to
+    """Drives a run's epochs: sync here; `config.system.mode == "async"` hands the run to
     `AsyncDriver` over the same parts."""
 
     # (epochs done, bytes of samples.jsonl) while the learner holds exactly the state after
@@ -55,11 +55,11 @@ class Driver(Session):
     resumable: tuple[int, int] | None = None
 
     def run(self) -> list[dict]:
-        """Run `config.epochs` DDPO epochs; return the per-epoch (per-update) metrics."""
+        """Run `config.run.epochs` DDPO epochs; return the per-epoch (per-update) metrics."""
         try:
             with self.beat.phase("starting the actors"):
                 self.fleet.wait_started()
-            if self.config.mode == "async":
+            if self.config.system.mode == "async":
                 with self.beat.phase("training (async)"):
                     return AsyncDriver(self).run()
             self.begin()
@@ -74,12 +74,12 @@ class Driver(Session):
             self.fleet.shutdown()
 
     def _epochs(self) -> None:
-        """Epochs until `config.epochs` or a fired guard, with the one retry layer: an epoch
+        """Epochs until `config.run.epochs` or a fired guard, with the one retry layer: an epoch
         whose batches were all dropped or whose trajectories a lost node took is run again
         (the learner has not changed); a lost learner is replaced from the last checkpoint
         (--auto-resume) and the epochs go on from there."""
         epoch, losses = self.start_epoch, 0
-        while epoch < self.config.epochs:
+        while epoch < self.config.run.epochs:
             tracker, logged = self.tracker.state_dict(), self.runlog.size(SAMPLES)
             self.resumable = (epoch, logged)
             try:
@@ -181,7 +181,7 @@ class Driver(Session):
         """After Ctrl-C: checkpoint the epochs done, unless one is already saved or the learner
         was inside an update (sync mode; an async run goes on from its last checkpoint). The
         unfinished epoch's samples are cut from samples.jsonl first."""
-        if self.resumable is None or not self.config.save_every:
+        if self.resumable is None or not self.config.run.save_every:
             return
         (done, logged), self.resumable = self.resumable, None
         path = checkpoint.checkpoint_dir(self.run_dir) / f"epoch-{done:06d}"
@@ -194,6 +194,6 @@ class Driver(Session):
 def train(
     config: Config, wiring: Wiring | None = None, resume: Checkpoint | None = None
 ) -> list[dict]:
-    """Run `config.epochs` DDPO epochs (from `resume` if given); return the per-epoch metrics,
+    """Run `config.run.epochs` DDPO epochs (from `resume` if given); return the per-epoch metrics,
     those before the checkpoint included."""
     return Driver(config, wiring, resume).run()

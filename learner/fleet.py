@@ -21,11 +21,11 @@ import numpy as np
 
 from actors.reward import RewardWorker
 from actors.sampler import Sampler
-from ddpo.config import Config
+from ddpo.config import Config, PoolSize
 from ddpo.threads import role_threads
 from learner.errors import LearnerLost
 from learner.learner import Learner
-from learner.reward_pool import PoolSize, RewardPool, parse_pool_sizes
+from learner.reward_pool import RewardPool
 from learner.wiring import OnRay, Wiring
 from rewards import parse_reward_options, parse_reward_spec, parse_reward_urls, reward_options
 
@@ -116,7 +116,7 @@ class Fleet:
         self, config: Config, wiring: Wiring | None, run_name: str, guard: str | None = None
     ):
         self.config = config
-        self.run_dir = Path(config.run_dir or "runs/run")
+        self.run_dir = Path(config.run.dir or "runs/run")
         self.terms = parse_reward_spec(config.reward)
         trained = [name for _, name in self.terms]
         # Every reward scored: the trained ones, and the guard's, on evaluations only.
@@ -124,31 +124,34 @@ class Fleet:
         options = reward_options(
             scored, parse_reward_options(config.reward_options), tiny=config.model == "tiny"
         )
-        sizes = parse_pool_sizes(config.reward_workers, config.reward_workers_range)
+        sizes = config.system.pool_sizes
         self.wiring: Wiring = wiring or OnRay(
-            config.address,
-            min_cpus=config.num_samplers
+            config.run.address,
+            min_cpus=config.system.num_samplers
             + sum(sizes.get(n, PoolSize()).max for n in trained)
             + 1
             + bool(guard),
-            resources={"sampler": config.num_samplers, "learner": 1} | local_role_resources(scored),
+            resources={"sampler": config.system.num_samplers, "learner": 1}
+            | local_role_resources(scored),
         )
         # Sync mode: samplers run together, then the learner alone; async: all at once. Split
         # the cores so that torch never runs more threads than there are cores.
         threads = os.cpu_count() or 1
-        is_async = config.mode == "async"
-        busy_together = config.num_samplers + is_async
+        is_async = config.system.mode == "async"
+        busy_together = config.system.num_samplers + is_async
         sampler_threads, adaptive = role_threads(max(1, threads // busy_together))
         learner_threads, _ = role_threads(sampler_threads if is_async else threads)
-        gpu = config.device.startswith("cuda")
+        gpu = config.system.device.startswith("cuda")
         create = self.wiring.create
         sampler_options = role_options("sampler", gpu, weights_group=is_async)
         self.samplers = [
             create(Sampler, config, i, sampler_threads, adaptive, options=sampler_options)
-            for i in range(config.num_samplers)
+            for i in range(config.system.num_samplers)
         ]
 
-        urls = parse_reward_urls(config.reward_urls, config.reward)  # served outside the cluster
+        urls = parse_reward_urls(
+            config.system.reward_urls, config.reward
+        )  # served outside the cluster
 
         def pool(name: str) -> RewardPool:
             w, placement = self.wiring, reward_actor_options(name, gpu=gpu)
@@ -231,7 +234,7 @@ class Fleet:
     # ----- samplers -----
     def send_weights(self, sampler: Any) -> Any:
         version, state = self.weights
-        group = "weights" if self.config.mode == "async" else None  # see role_options
+        group = "weights" if self.config.system.mode == "async" else None  # see role_options
         return self.wiring.call(sampler, "set_weights", version, state, group=group)
 
     def call_sampler(
@@ -282,8 +285,8 @@ class Fleet:
     def wait_for_sampler(self, i: int) -> None:
         """Re-send the newest weights to sampler i until it answers: Ray restarts it (at most
         RESTARTS times), on another node if its own is gone and another has room. Waits
-        at most `config.restart_wait_s`, saying every half minute what it waits for."""
-        w, limit = self.wiring, self.config.restart_wait_s
+        at most `config.system.restart_wait_s`, saying every half minute what it waits for."""
+        w, limit = self.wiring, self.config.system.restart_wait_s
         start = time.monotonic()
         ref = self.send_weights(self.samplers[i])
         while True:
@@ -357,9 +360,9 @@ class Fleet:
     def wait_started(self, actors: dict[str, Any] | None = None) -> None:
         """Wait for these actors (default: all) to start, saying what holds them back
         (`learner.pending`)."""
-        c = self.config
+        run = self.config.run
         self.wiring.wait_started(
-            self.actors() if actors is None else actors, c.pending_report_s, c.pending_timeout_s
+            self.actors() if actors is None else actors, run.pending_report_s, run.pending_timeout_s
         )
 
     def shutdown(self) -> None:

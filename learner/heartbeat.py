@@ -22,7 +22,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import TextIO
 
-log = logging.getLogger("learner.run")
+log = logging.getLogger(__name__)
 
 HEARTBEAT_S = 30.0
 

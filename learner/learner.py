@@ -32,7 +32,7 @@ class Learner:
         self.config = config
         cfg = config.train
         self.policy = policy or Policy(
-            load_pipeline(config.model, config.device),
+            load_pipeline(config.model, config.system.device),
             num_steps=config.sample.num_steps,
             guidance_scale=config.sample.guidance_scale,
             eta=config.sample.eta,
@@ -43,7 +43,7 @@ class Learner:
         )
         # Threads per training step, measured (ddpo.threads), set again at every step.
         self.policy.threads = ThreadGovernor(
-            threads, adaptive=adaptive_threads and config.device == "cpu"
+            threads, adaptive=adaptive_threads and config.system.device == "cpu"
         )
         self.optimizer = torch.optim.AdamW(
             self.policy.trainable_parameters(),
@@ -169,7 +169,7 @@ class Learner:
         cfg = self.config.train
         if cfg.lr_schedule == "constant":
             return cfg.learning_rate
-        progress = min(self.version / max(self.config.epochs, 1), 1.0)
+        progress = min(self.version / max(self.config.run.epochs, 1), 1.0)
         return cfg.learning_rate * 0.5 * (1.0 + math.cos(math.pi * progress))
 
     def _optimizer_step(self) -> float:

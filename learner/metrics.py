@@ -126,29 +126,24 @@ class MetricsExporter:
         self.other = gauge(
             "metric", "Any other numeric per-epoch metric, by its record key.", "key"
         )
-        self.eval_reward = Gauge(
-            PREFIX + "eval_reward_mean",
+        self.eval_reward = gauge(
+            "eval_reward_mean",
             "Mean reward of the last evaluation's fixed samples, by prompt set.",
-            ["run", "prompts"],
-            registry=r,
+            "prompts",
         )
-        self.eval_gain = Gauge(
-            PREFIX + "eval_gain",
+        self.eval_gain = gauge(
+            "eval_gain",
             "Paired gain of the last evaluation over the start, by prompt set.",
-            ["run", "prompts"],
-            registry=r,
+            "prompts",
         )
-        self.eval_kl = Gauge(
-            PREFIX + "eval_kl_base",
+        self.eval_kl = gauge(
+            "eval_kl_base",
             "Per-step KL of the policy to the base model on the last evaluation's samples.",
-            ["run"],
-            registry=r,
         )
-        self.eval_guard = Gauge(
-            PREFIX + "eval_guard_change",
+        self.eval_guard = gauge(
+            "eval_guard_change",
             "Paired change of the guard reward since the start (it fires below -MAX_DROP).",
-            ["run", "reward"],
-            registry=r,
+            "reward",
         )
         try:
             server, self._thread = start_http_server(port, addr=host, registry=r)

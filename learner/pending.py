@@ -26,7 +26,7 @@ from typing import Any
 
 from learner.errors import ActorsPending
 
-log = logging.getLogger("learner.run")
+log = logging.getLogger(__name__)
 
 READ_ONLY_NODE_TYPE = re.compile(r"node_[0-9a-f]+")
 """How Ray's autoscaler names the node types of a cluster it cannot grow (`ray start` by hand,

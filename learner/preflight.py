@@ -11,17 +11,15 @@ The config's own fields (sizes, seed, prompts) are checked by `Config.__post_ini
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import tempfile
 from pathlib import Path
 
-from ddpo.config import Config
+from ddpo.config import Config, resumable_changes
 from ddpo.policy import resolve_model
 from learner import checkpoint
 from learner.guard import Guard
-from learner.reward_pool import parse_pool_sizes
 from rewards import (
     REWARDS,
     parse_reward_options,
@@ -30,12 +28,6 @@ from rewards import (
     reward_options,
 )
 
-RESUMABLE = {
-    "epochs", "run_dir", "address", "grid_every", "eval_every", "metrics_port", "metrics_host",
-    "tensorboard", "save_every", "keep_checkpoints", "auto_resume",
-}  # fmt: skip
-"""Config fields a continued run may take from the command line; the rest are the run's own."""
-
 
 def check_config(config: Config) -> None:
     """Everything about `config` that the driver and its actors would otherwise find out late:
@@ -43,14 +35,14 @@ def check_config(config: Config) -> None:
     terms = parse_reward_spec(config.reward)
     options = parse_reward_options(config.reward_options)
     reward_options(config.reward, options, tiny=config.model == "tiny")
-    sizes = parse_pool_sizes(config.reward_workers, config.reward_workers_range)
+    sizes = config.system.pool_sizes
     unknown = sorted(set(sizes) - {name for _, name in terms})
     if unknown:
         raise ValueError(
             f"--reward-workers names {unknown}, but the reward is {config.reward!r}; "
             "name one of its terms"
         )
-    parse_reward_urls(config.reward_urls, config.reward)
+    parse_reward_urls(config.system.reward_urls, config.reward)
     if config.guard:
         Guard.parse(config.guard, [name for _, name in terms], sorted(REWARDS))
     if config.guard_action not in ("stop", "warn"):
@@ -99,12 +91,6 @@ def newest(run_dir: Path) -> int | None:
     return checkpoint.epoch_of(paths[-1]) if paths else None
 
 
-def changed_settings(saved: Config, wanted: Config) -> list[str]:
-    """The fields, besides RESUMABLE ones, in which `wanted` differs from the run's `saved`."""
-    names = [f.name for f in dataclasses.fields(Config) if f.name not in RESUMABLE]
-    return [n for n in names if getattr(saved, n) != getattr(wanted, n)]
-
-
 def earlier_attempt(run_dir: Path, wanted: Config) -> bool:
     """Whether a run directory without a checkpoint holds an attempt at this same run that
     stopped before its first checkpoint (its config.json has these settings): such a directory
@@ -113,4 +99,4 @@ def earlier_attempt(run_dir: Path, wanted: Config) -> bool:
         saved = Config.from_dict(json.loads((Path(run_dir) / "config.json").read_text()))
     except (OSError, ValueError, TypeError, AttributeError):
         return False
-    return not changed_settings(saved, wanted)
+    return not resumable_changes(saved, wanted)

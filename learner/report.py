@@ -22,7 +22,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from learner.evaluation import paired_gain
+from learner.evaluation import EVAL_KEYS, GUARD_KEYS, HELDOUT_KEYS, eval_rows, plot_signals
 
 METRICS_FILE = "metrics.jsonl"
 EVAL_FILE = "eval.jsonl"
@@ -137,90 +137,6 @@ def _number(value: Any, default: float = math.nan) -> float:
     return float(value) if isinstance(value, int | float) else default
 
 
-EVAL_KEYS = ("when", "policy_version", "reward_mean", "reward_std", "samples")
-HELDOUT_KEYS = ("heldout_gain", "heldout_gain_se", "heldout_t")
-GUARD_KEYS = ("guard_change", "guard_t")
-
-
-def eval_rows(evals: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """One row per evaluation of eval.jsonl (start, every eval_every, end): `EVAL_KEYS` and,
-    after the start, the paired gain over it (`gain`, `gain_se`, `t`; learner.evaluation):
-    the same prompts and noise under other weights, compared sample by sample. The same for the
-    held-out prompts (`heldout_gain`, ...) and the guard reward (`guard_change`, ...) when the
-    run has them, and the KL to the base model (`kl_base`)."""
-    rows = []
-    for i, record in enumerate(evals):
-        row = {k: record.get(k) for k in EVAL_KEYS}
-        row["kl_base"] = record.get("kl_base")
-        for prefix, key in (("", None), ("heldout_", "heldout")):
-            gain = _paired(evals[0], record, key) if i else None
-            if gain:
-                row.update({f"{prefix}gain": gain["mean"], f"{prefix}gain_se": gain["se"]})
-                row[f"{prefix}t"] = gain["t"]
-        change = _paired(evals[0], record, "guard") if i else None
-        if change:
-            row.update(guard_change=change["mean"], guard_t=change["t"])
-        rows.append(row)
-    return rows
-
-
-def _paired(start: dict[str, Any], now: dict[str, Any], key: str | None) -> dict | None:
-    """The paired gain of `now` over `start` (of their `key` sub-record), if both have it."""
-    a, b = (r.get(key) if key else r for r in (start, now))
-    if not (isinstance(a, dict) and isinstance(b, dict)):
-        return None
-    x, y = a.get("rewards"), b.get("rewards")
-    if not (x and y and len(x) == len(y) >= 2):
-        return None
-    return paired_gain(x, y)
-
-
-def plot_signals(rows: list[dict[str, Any]], epochs: int, path: Path) -> Path | None:
-    """`signals.png`, what tells when to stop: the paired gain of the training and held-out
-    prompts, the KL to the base model and the guard reward's change, over the evaluations.
-    None with fewer than two evaluations."""
-    if len(rows) < 2:
-        return None
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    x = [0 if r["when"] == "start" else epochs if r["when"] == "end" else r["when"] for r in rows]
-    panels = 2 + any("guard_change" in r for r in rows)
-    fig, axes = plt.subplots(1, panels, figsize=(4 * panels, 3.4), dpi=100)
-    gain = axes[0]
-    for prefix, label in (("", "training prompts"), ("heldout_", "held-out prompts")):
-        points = [
-            (xi, r[f"{prefix}gain"], r[f"{prefix}gain_se"])
-            for xi, r in zip(x, rows, strict=True)
-            if f"{prefix}gain" in r
-        ]
-        if points:
-            xs, ys, se = zip(*[(0, 0.0, 0.0), *points], strict=True)
-            gain.errorbar(xs, ys, yerr=se, marker="o", markersize=3, capsize=2, label=label)
-    gain.axhline(0, color="grey", linewidth=0.8)
-    gain.set(title="paired gain over the start (± se)", xlabel="epoch", ylabel="reward")
-    gain.legend(fontsize=8)
-    kl = [(xi, r["kl_base"]) for xi, r in zip(x, rows, strict=True) if r.get("kl_base") is not None]
-    if kl:
-        axes[1].plot(*zip(*kl, strict=True), marker="o", markersize=3)
-    axes[1].set(title="KL to the base model (per step)", xlabel="epoch")
-    if panels == 3:
-        guard = [(0, 0.0)] + [
-            (xi, r["guard_change"]) for xi, r in zip(x, rows, strict=True) if "guard_change" in r
-        ]
-        axes[2].plot(*zip(*guard, strict=True), marker="o", markersize=3, color="C3")
-        axes[2].axhline(0, color="grey", linewidth=0.8)
-        axes[2].set(title="guard reward, paired change", xlabel="epoch")
-    for ax in axes:
-        ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return Path(path)
-
-
 def start_end_figure(run_dir: Path, rows: list[dict[str, Any]]) -> Path | None:
     """`start_end.png`: grid_start.png and grid_end.png side by side, each titled with its
     evaluation (policy version, mean reward; the end with its paired gain). None without both."""
@@ -274,7 +190,8 @@ def write_report(run_dir: Path) -> Path:
     if records:
         plot_reward_curve(records, run_dir / CURVE_FILE, title=title)
     start_end_figure(run_dir, rows)
-    plot_signals(rows, int(config.get("epochs", 0)), run_dir / SIGNALS_FILE)
+    epochs = config.get("run", config).get("epochs", 0)  # config.json before run/ was flat
+    plot_signals(rows, int(epochs), run_dir / SIGNALS_FILE)
     index = run_dir / INDEX_FILE
     index.write_text(_html(run_dir, title, records, rows, config))
     return index

@@ -88,9 +88,9 @@ class RunLog:
         self.config = config
         self.run_dir = run_dir
         self.beat = beat  # touched by every record: the console shows the run is alive
-        self.exporter = metrics_exporter(config.metrics_port, config.metrics_host, run_name)
+        self.exporter = metrics_exporter(config.run.metrics_port, config.run.metrics_host, run_name)
         self.board = (
-            TensorBoardWriter(run_dir / "tensorboard") if config.tensorboard else NullBoard()
+            TensorBoardWriter(run_dir / "tensorboard") if config.run.tensorboard else NullBoard()
         )
         self.files: dict[str, IO[str]] = {}
 

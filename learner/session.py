@@ -42,7 +42,7 @@ class Session:
     ):
         self.config = config
         self.resume_from = resume  # restored when the run starts
-        self.run_dir = Path(config.run_dir or "runs/run")
+        self.run_dir = Path(config.run.dir or "runs/run")
         check_config(config)  # a bad reward, pool or --model stops here, before anything is written
         self.run_dir.mkdir(parents=True, exist_ok=True)
         trained = [name for _, name in parse_reward_spec(config.reward)]
@@ -56,7 +56,7 @@ class Session:
         self.tracker = PerPromptStatTracker(
             config.stat_tracker.buffer_size, config.stat_tracker.min_count
         )
-        self.bad = BadRewards(config.max_bad_batches, self.run_dir)
+        self.bad = BadRewards(config.system.max_bad_batches, self.run_dir)
         self.history: list[dict] = []  # one record per epoch (sync) or update (async)
         self.start_epoch = 0  # where the epoch loop starts (> 0 after a resume)
         self.resumes = 0  # learners replaced from a checkpoint (--auto-resume)
@@ -115,26 +115,28 @@ class Session:
     def evaluate_due(self, done: int) -> None:
         """After `done` epochs/updates (not the last: `finish` evaluates that): a grid every
         grid_every, a scored evaluation every eval_every."""
-        if done == self.config.epochs:
+        if done == self.config.run.epochs:
             return
-        grid_every, eval_every = self.config.grid_every, self.config.eval_every
+        grid_every, eval_every = self.config.run.grid_every, self.config.run.eval_every
         image = bool(grid_every) and done % grid_every == 0
         if image or (eval_every and done % eval_every == 0):
-            if self.config.mode == "sync":  # evaluate the weights just trained, not the last sent
+            if (
+                self.config.system.mode == "sync"
+            ):  # evaluate the weights just trained, not the last sent
                 self.publish()
             with self.beat.phase(f"the evaluation after {done}"):
                 self.grid(done, image=image)
 
     def checkpoint_due(self, done: int) -> bool:
         """After `done` epochs/updates: every save_every, and at the end."""
-        every = self.config.save_every
-        return bool(every) and (done % every == 0 or done == self.config.epochs)
+        every = self.config.run.save_every
+        return bool(every) and (done % every == 0 or done == self.config.run.epochs)
 
     # ----- checkpoints -----
     def save_checkpoint(self, epoch: int, **driver_state: Any) -> Path | None:
         """Checkpoint after `epoch` epochs (updates in async mode). A failed write (a full disk)
         keeps the previous checkpoint, says so and lets the run go on; the next save retries."""
-        if not self.config.save_every:
+        if not self.config.run.save_every:
             return None
         tensors, learner_state = self.fleet.ask_learner("state", num_returns=2)
         state = {
@@ -150,7 +152,7 @@ class Session:
         }
         try:
             path = checkpoint.save(
-                self.run_dir, epoch, tensors, state, self.history, self.config.keep_checkpoints
+                self.run_dir, epoch, tensors, state, self.history, self.config.run.keep_checkpoints
             )
         except OSError as err:
             log.error("checkpoint %d not written (%s); the previous one is kept", epoch, err)
@@ -178,7 +180,7 @@ class Session:
 
     def replace_learner(self, err: LearnerLost) -> None:
         """--auto-resume: a new learner from the last checkpoint, or `err` if that is not on."""
-        if not self.config.auto_resume or self.resumes >= MAX_AUTO_RESUMES:
+        if not self.config.run.auto_resume or self.resumes >= MAX_AUTO_RESUMES:
             raise err
         ckpt = checkpoint.latest(self.run_dir)
         if ckpt is None:

@@ -25,7 +25,7 @@ import numpy as np
 
 from rewards.protocol import CONTENT_TYPES, Limits, encode_images, refuse_ext
 
-log = logging.getLogger("rewards.client")
+log = logging.getLogger(__name__)
 
 _opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # never via $http_proxy
 

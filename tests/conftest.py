@@ -20,6 +20,24 @@ def tiny_pipe():
 
 
 @pytest.fixture(scope="module")
+def server(request):
+    """A jpeg_compressibility reward service in a thread, for the test module, with the module's
+    TOKEN and LIMITS."""
+    import threading
+
+    from rewards import make_reward
+    from rewards.serve import make_server
+
+    reward = make_reward("jpeg_compressibility")
+    module = request.module
+    server = make_server(reward, "jpeg_compressibility", module.TOKEN, module.LIMITS)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield server
+    server.shutdown()
+    server.server_close()
+
+
+@pytest.fixture(scope="module")
 def ray_instance():
     """One local Ray instance per test module (starting Ray costs seconds)."""
     ray = pytest.importorskip("ray")
@@ -31,21 +49,21 @@ def ray_instance():
 
 @pytest.fixture
 def small_config(tmp_path):
-    """A tiny-model config with a few steps and samples: small_config(task, **changes)."""
-    import dataclasses
-
-    from ddpo.config import SampleConfig, TrainConfig, task_config
+    """A tiny-model config with a few steps and samples: small_config(task, **changes), the
+    changes as `ddpo.config.override` takes them (run={"epochs": 4}, grid_prompts=3)."""
+    from ddpo.config import SampleConfig, TrainConfig, override
+    from ddpo.presets import task_config
 
     def make(task="compressibility", **changes):
-        settings = dict(
-            epochs=2,
-            run_dir=tmp_path,
-            sample=SampleConfig(num_steps=4, batch_size=4, num_batches_per_epoch=2),
-            train=TrainConfig(learning_rate=1e-2, clip_range=0.1, batch_size=4),
-            grid_prompts=2,
-            grid_seeds=2,
-        )
-        return dataclasses.replace(task_config(task, "tiny"), **(settings | changes))
+        settings = {
+            "run.epochs": 2,
+            "run.dir": tmp_path,
+            "sample": SampleConfig(num_steps=4, batch_size=4, num_batches_per_epoch=2),
+            "train": TrainConfig(learning_rate=1e-2, clip_range=0.1, batch_size=4),
+            "grid_prompts": 2,
+            "grid_seeds": 2,
+        }
+        return override(task_config(task, "tiny"), settings | changes)
 
     return make
 

@@ -1,12 +1,12 @@
 """Async mode through Ray: bounded staleness, backpressure and exact batch accounting."""
 
-import dataclasses
 import json
 
 import pytest
 from accounting import assert_accounting
 
-from ddpo.config import task_config
+from ddpo.config import override
+from ddpo.presets import task_config
 from learner.driver import train
 
 
@@ -16,11 +16,12 @@ def test_async_staleness_and_accounting(
     ray_instance, small_config, tmp_path, max_staleness, num_samplers
 ):
     config = small_config(
-        mode="async", epochs=6, max_staleness=max_staleness, num_samplers=num_samplers
+        run={"epochs": 6},
+        system={"mode": "async", "max_staleness": max_staleness, "num_samplers": num_samplers},
     )
     history = train(config)
     lines = [json.loads(s) for s in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    assert lines == history and len(history) == config.epochs
+    assert lines == history and len(history) == config.run.epochs
     # Staleness never exceeds K, checked from the metrics the run wrote.
     assert all(r["staleness_max"] <= max_staleness for r in lines)
     for r in lines:
@@ -30,10 +31,10 @@ def test_async_staleness_and_accounting(
         assert sum(hist.values()) == 2 and max(hist) <= max_staleness
         assert 0 <= r["busy/sampler"] <= 1.01 and 0 <= r["busy/learner"] <= 1.01
         assert 0 <= r["reward/jpeg_compressibility/busy_fraction"] <= 1
-    assert [r["policy_version"] for r in lines] == list(range(config.epochs))
+    assert [r["policy_version"] for r in lines] == list(range(config.run.epochs))
     # Every sampled batch is trained once, dropped, or left unused at the end.
     totals = assert_accounting(tmp_path)
-    assert totals["batches_trained"] == config.epochs * 2
+    assert totals["batches_trained"] == config.run.epochs * 2
     samples = [json.loads(s) for s in (tmp_path / "samples.jsonl").read_text().splitlines()]
     batch_ids = {s["batch_id"] for s in samples}
     assert len(batch_ids) == totals["batches_sampled"] - totals.get("batches_dropped_nonfinite", 0)
@@ -45,7 +46,7 @@ def test_async_runs_in_one_process(small_config, tmp_path):
     it is waited for, so it trains like a sync run, with the accounting of an async one."""
     from learner.wiring import InProcess
 
-    config = small_config(mode="async", epochs=2)
+    config = small_config(run={"epochs": 2}, system={"mode": "async"})
     history = train(config, InProcess())
     assert [r["policy_version"] for r in history] == [0, 1]
     assert assert_accounting(tmp_path)["batches_trained"] == 2 * 2
@@ -67,12 +68,12 @@ def test_async_run_of_the_tiny_preset_trains_every_update_within_its_staleness(
     seeds against controls on the current preset, and an async run's batches depend on timing,
     so each run is a new draw (BENCHMARKS.md, "Sync vs async"). Sync learning is asserted,
     against controls, in test_e2e.py."""
-    config = dataclasses.replace(
+    config = override(
         task_config("compressibility", "tiny"),
-        mode="async",
-        epochs=UPDATES,
-        max_staleness=1,
-        run_dir=tmp_path,
+        {
+            "run": {"epochs": UPDATES, "dir": tmp_path},
+            "system": {"mode": "async", "max_staleness": 1},
+        },
     )
     history = train(config)
     nb = config.sample.num_batches_per_epoch
@@ -95,9 +96,10 @@ def test_reward_pool_resizes_during_a_run_without_losing_a_batch(ray_instance, s
     import time
 
     config = small_config(
-        mode="async", epochs=8, reward_workers_range=("jpeg_compressibility=1:3",)
+        run={"epochs": 8},
+        system={"mode": "async", "reward_workers_range": ("jpeg_compressibility=1:3",)},
     )
-    control, metrics = config.run_dir / "control.json", config.run_dir / "metrics.jsonl"
+    control, metrics = config.run.dir / "control.json", config.run.dir / "metrics.jsonl"
 
     def operator():
         for size, after_epochs in ((3, 2), (1, 5)):
@@ -112,5 +114,5 @@ def test_reward_pool_resizes_during_a_run_without_losing_a_batch(ray_instance, s
     thread.join(timeout=5)
     sizes = [r["reward_workers/jpeg_compressibility"] for r in history]
     assert sizes[0] == 1 and 3 in sizes and sizes[-1] < 3, sizes
-    totals = assert_accounting(config.run_dir)
-    assert totals["batches_trained"] == config.epochs * 2
+    totals = assert_accounting(config.run.dir)
+    assert totals["batches_trained"] == config.run.epochs * 2

@@ -1,6 +1,5 @@
 """Checkpoints: atomic writes, checksums, fallback to the previous one, exact resume."""
 
-import dataclasses
 import errno
 import json
 import logging
@@ -119,20 +118,20 @@ def records(run_dir):
 def test_resume_reproduces_the_uninterrupted_run_bit_for_bit(small_config, tmp_path, monkeypatch):
     """Sync, in one process: 4 epochs straight, and 2 epochs then --resume to 4, give the same
     metrics (every float) and the same LoRA file, byte for byte."""
-    from ddpo.config import Config
+    from ddpo.config import Config, override
 
-    config = small_config(epochs=4, save_every=2)
+    config = small_config(run={"epochs": 4, "save_every": 2})
     straight = tmp_path / "straight"
     stopped = tmp_path / "stopped"
     for run_dir, epochs in ((straight, 4), (stopped, 2)):
         from learner.driver import train
         from learner.wiring import InProcess
 
-        train(dataclasses.replace(config, run_dir=run_dir, epochs=epochs), InProcess())
+        train(override(config, {"run.dir": run_dir, "run.epochs": epochs}), InProcess())
     assert checkpoint.latest(stopped).epoch == 2
     saved = Config.from_dict(json.loads((stopped / "config.json").read_text()))
-    assert dataclasses.replace(saved, epochs=4, run_dir=straight) == dataclasses.replace(
-        config, run_dir=straight
+    assert override(saved, {"run.epochs": 4, "run.dir": straight}) == override(
+        config, {"run.dir": straight}
     )
     run_main(["--resume", str(stopped), "--epochs", "4"])
 
@@ -147,9 +146,8 @@ def test_resume_reproduces_the_uninterrupted_run_bit_for_bit(small_config, tmp_p
     assert evals == [json.loads(s) for s in (straight / "eval.jsonl").open()]
 
 
-def test_resume_refuses_changed_settings_and_empty_runs(tmp_path, cli_error):
-    argv = ["--resume", str(tmp_path), "--task", "aesthetic", "--learning-rate", "1e-3"]
-    assert "drop --task, --learning-rate" in cli_error(argv)
+def test_resume_refuses_empty_runs(tmp_path, cli_error):
+    """(Changed settings: test_cli_errors.py, on a finished run.)"""
     assert "no intact checkpoint" in cli_error(["--resume", str(tmp_path)])
     assert "no such directory" in cli_error(["--resume", str(tmp_path / "nope")])
 
@@ -169,12 +167,12 @@ def test_a_full_disk_at_one_checkpoint_keeps_the_run_and_the_older_checkpoints(
         real(tensors, path)
 
     monkeypatch.setattr(checkpoint, "save_file", disk_full_at_the_third_save)
-    config = small_config(epochs=3, save_every=1, keep_checkpoints=5)
+    config = small_config(run={"epochs": 3, "save_every": 1, "keep_checkpoints": 5})
     with caplog.at_level(logging.ERROR):
         history = train(config, InProcess())
     assert len(history) == 3
     assert "checkpoint 2 not written" in caplog.text and "No space" in caplog.text
-    root = checkpoint.checkpoint_dir(config.run_dir)
+    root = checkpoint.checkpoint_dir(config.run.dir)
     assert sorted(p.name for p in root.iterdir()) == [
         "epoch-000000",
         "epoch-000001",
@@ -199,7 +197,7 @@ def test_resume_refuses_a_checkpoint_that_names_other_files(
     victim = tmp_path / "victim.txt"
     victim.write_text("precious\n")
     run_dir = tmp_path / "run"
-    train(small_config(epochs=1, save_every=1, run_dir=run_dir), InProcess())
+    train(small_config(run={"epochs": 1, "save_every": 1, "dir": run_dir}), InProcess())
     ckpt = checkpoint.latest(run_dir).path
     state = json.loads((ckpt / "state.json").read_text())
     if isinstance(logs, dict):  # "VICTIM" stands for the victim's absolute path

@@ -2,7 +2,6 @@
 run directory is created or an actor starts, and never change a run that exists (issue 13,
 finding 7, and what a resume reads from state.json)."""
 
-import dataclasses
 import hashlib
 import json
 import re
@@ -11,20 +10,24 @@ import shutil
 import pytest
 import torch
 
+from ddpo.config import override
 from learner import checkpoint
 
 
 def small(task, model="tiny"):
     """The tiny preset shrunk to seconds a run (what tests/conftest.py's small_config uses)."""
-    from ddpo.config import SampleConfig, TrainConfig, task_config
+    from ddpo.config import SampleConfig, TrainConfig, override
+    from ddpo.presets import task_config
 
-    return dataclasses.replace(
+    return override(
         task_config(task, model),
-        sample=SampleConfig(num_steps=4, batch_size=4, num_batches_per_epoch=2),
-        train=TrainConfig(learning_rate=1e-2, clip_range=0.1, batch_size=4),
-        grid_prompts=2,
-        grid_seeds=2,
-        eval_every=0,
+        {
+            "sample": SampleConfig(num_steps=4, batch_size=4, num_batches_per_epoch=2),
+            "train": TrainConfig(learning_rate=1e-2, clip_range=0.1, batch_size=4),
+            "grid_prompts": 2,
+            "grid_seeds": 2,
+            "run.eval_every": 0,
+        },
     )
 
 
@@ -96,7 +99,8 @@ def finished_run(tmp_path_factory):
     threads = torch.get_num_threads()
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("DDPO_THREADS", "1")  # files matter here, not numbers
-        train(dataclasses.replace(small("compressibility"), epochs=1, run_dir=run_dir), InProcess())
+        config = override(small("compressibility"), {"run.epochs": 1, "run.dir": run_dir})
+        train(config, InProcess())
     torch.set_num_threads(threads)
     assert checkpoint.latest(run_dir).epoch == 1
     return run_dir
@@ -207,8 +211,29 @@ def test_a_damaged_checkpoint_is_refused_in_one_line_before_anything_changes(
     assert digests(run_dir) == before
 
 
-def test_resume_refuses_fewer_epochs_than_done(finished_run, tmp_path, cli_error):
+def test_resume_refuses_changed_settings(finished_run, tmp_path, cli_error):
+    """A resume takes the run's settings from its checkpoint; only run.* flags may change."""
     run_dir = tmp_path / "run"
     shutil.copytree(finished_run, run_dir)
-    line = cli_error(["--resume", str(run_dir), "--epochs", "0"])
-    assert "--epochs 0 is fewer than the 1 epochs the checkpoint has done" in line
+    before = digests(run_dir)
+    argv = ["--resume", str(run_dir), "--task", "aesthetic", "--learning-rate", "1e-3"]
+    assert "drop --task, --train.learning-rate" in cli_error(argv)
+    other = str(tmp_path / "other")
+    assert "drop --run-dir" in cli_error(["--resume", str(run_dir), "--run-dir", other])
+    assert digests(run_dir) == before
+
+
+def test_resume_refuses_fewer_epochs_than_done(finished_run, tmp_path, cli_error, small_config):
+    from types import SimpleNamespace
+
+    from learner.run import continued
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(finished_run, run_dir)
+    before = digests(run_dir)
+    assert "at least 1 epoch" in cli_error(["--resume", str(run_dir), "--epochs", "0"])
+    assert digests(run_dir) == before
+    # The finished run has done one epoch, so the flag cannot ask for fewer and yet be valid:
+    # a checkpoint at epoch 5 and --epochs 2.
+    with pytest.raises(ValueError, match="--epochs 2 is fewer than the 5 epochs the checkpoint"):
+        continued(small_config(), SimpleNamespace(epoch=5))

@@ -4,17 +4,15 @@ import dataclasses
 
 import pytest
 
-from ddpo.config import (
-    Config,
-    SampleConfig,
-    TrainConfig,
+from ddpo.config import Config, SampleConfig, TrainConfig, override
+from ddpo.presets import (
     animal_activities,
     imagenet_animals,
     read_prompt_file,
     simple_animals,
     task_config,
 )
-from learner.run import Args, build_config, main
+from learner.run import fresh, main, parse
 
 
 def test_paper_presets():
@@ -32,7 +30,9 @@ def test_paper_presets():
     )
     assert len(comp.prompts) == 398 and comp.prompts[0].startswith("tench")
     aes = task_config("aesthetic", "some/model")
-    assert aes.model == "some/model" and aes.stat_tracker.buffer_size == 32 and aes.epochs == 200
+    assert (
+        aes.model == "some/model" and aes.stat_tracker.buffer_size == 32 and aes.run.epochs == 200
+    )
     assert len(simple_animals()) == 45
     align = task_config("alignment", "x/y")
     assert align.samples_per_epoch == 384 and align.prompts == animal_activities()
@@ -73,7 +73,7 @@ def test_prompt_files(tmp_path):
         read_prompt_file(binary)
     with pytest.raises(ValueError, match="does not exist"):
         read_prompt_file(tmp_path / "missing.txt")
-    config = build_config(Args(prompts=good, run_dir=tmp_path / "run"))
+    config = fresh(parse(["--prompts", str(good), "--run-dir", str(tmp_path / "run")]))
     assert config.prompts == ("a cat", "a dog")
 
 
@@ -81,9 +81,9 @@ def test_batch_sizes_must_divide():
     base = task_config("compressibility")
     with pytest.raises(ValueError, match="do not divide into optimizer steps"):
         dataclasses.replace(base, sample=SampleConfig(batch_size=5, num_batches_per_epoch=1))
-    dataclasses.replace(base, num_samplers=3, sample=SampleConfig(32, num_batches_per_epoch=4))
+    override(base, {"system.num_samplers": 3, "sample": SampleConfig(32, num_batches_per_epoch=4)})
     with pytest.raises(ValueError, match="num_samplers=3 exceeds sample.num_batches_per_epoch=2"):
-        dataclasses.replace(base, num_samplers=3)
+        override(base, {"system.num_samplers": 3})
     with pytest.raises(ValueError, match="eta"):
         SampleConfig(eta=0.0)
     with pytest.raises(ValueError, match="timestep_fraction"):
@@ -149,8 +149,8 @@ def test_heldout_prompts_must_not_be_trained_on(tmp_path):
     mine.write_text("a red circle on a plain background\n")
     other = tmp_path / "other.txt"
     other.write_text("a blue circle on a plain background\n")
-    assert build_config(Args(prompts=mine)).heldout_prompts == ()
-    built = build_config(Args(prompts=mine, heldout_prompts=other))
+    assert fresh(parse(["--prompts", str(mine)])).heldout_prompts == ()
+    built = fresh(parse(["--prompts", str(mine), "--heldout-prompts", str(other)]))
     assert built.heldout_prompts == ("a blue circle on a plain background",)
 
 
@@ -168,8 +168,72 @@ def test_print_config_shows_the_global_sizes_and_starts_nothing(tmp_path, capsys
     assert shown["derived"]["samples_per_epoch"] == 256
     assert shown["derived"]["samples_per_optimizer_step"] == 64
     assert shown["derived"]["sampler_calls_per_sampler"] == [4] * 8
-    assert shown["num_samplers"] == 8 and shown["model"] == model
+    assert shown["system"]["num_samplers"] == 8 and shown["model"] == model
     main(["--task", "compressibility", "--model", model, "--num-samplers", "3", "--print-config"])
     uneven = json.loads(capsys.readouterr().out)["derived"]["sampler_calls_per_sampler"]
     assert uneven == [11, 11, 10]
     assert list(tmp_path.iterdir()) == []
+
+
+def test_every_config_field_is_a_flag_over_the_preset(tmp_path, capsys):
+    """Issue 14: nested flags (`--train.clip-range`), the preset's values as the defaults, the
+    old short flags as aliases, and the result in config.json's layout."""
+    import json
+
+    argv = ["--task", "aesthetic", "--train.clip-range", "1e-3", "--sample.num-steps", "7"]
+    argv += ["--epochs", "3", "--num-samplers", "2", "--system.mode", "async"]
+    config = parse(argv).config
+    preset = task_config("aesthetic", "tiny")
+    assert config.train.clip_range == 1e-3 and config.sample.num_steps == 7
+    assert config.run.epochs == 3 and config.system.num_samplers == 2
+    assert config.system.mode == "async" and config.reward == "aesthetic"
+    assert config.train.learning_rate == preset.train.learning_rate  # not given: the preset's
+    main([*argv, "--run-dir", str(tmp_path / "run"), "--print-config"])
+    shown = json.loads(capsys.readouterr().out)
+    assert shown["train"]["clip_range"] == 1e-3 and shown["sample"]["num_steps"] == 7
+    assert Config.from_dict({k: v for k, v in shown.items() if k != "derived"}) == fresh(
+        parse([*argv, "--run-dir", str(tmp_path / "run")])
+    )
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    assert "usage: python -m learner.run" in capsys.readouterr().out
+
+
+def test_a_config_json_of_the_flat_layout_is_read():
+    """Runs written before the run/system groups keep their config.json (resume, export)."""
+    config = task_config("compressibility", "tiny")
+    flat = dataclasses.asdict(config)
+    run, system = flat.pop("run"), flat.pop("system")
+    system.pop("num_learners")  # came later
+    flat |= {"run_dir": run.pop("dir")} | run | system
+    assert Config.from_dict(flat) == config
+    with pytest.raises(ValueError, match=r"fields this version does not know: \['nope'\]"):
+        Config.from_dict(flat | {"nope": 1})
+
+
+def test_override_and_what_a_resume_may_change():
+    from ddpo.config import resumable_changes
+
+    config = task_config("compressibility", "tiny")
+    changed = override(config, {"run.epochs": 90, "run": {"save_every": 1}, "seed": 3})
+    assert (changed.run.epochs, changed.run.save_every, changed.seed) == (90, 1, 3)
+    assert resumable_changes(config, changed) == ["seed"]  # run.* may change on a resume
+    assert resumable_changes(config, override(config, {"train.clip_range": 0.1})) == [
+        "train.clip_range"
+    ]
+    with pytest.raises(ValueError, match="RunConfig has no field 'epoch'; choose one of dir"):
+        override(config, {"run.epoch": 3})
+    with pytest.raises(ValueError, match="Config has no field 'mode'; it is system.mode"):
+        override(config, {"mode": "async"})  # the flat layout's name: where it went
+    with pytest.raises(ValueError, match=r"system.num_learners=0 must be at least 1"):
+        override(config, {"system.num_learners": 0})
+
+
+def test_presets_derive_with_one_tiny_scaler():
+    from ddpo.presets import TASKS, tiny
+
+    for task, preset in TASKS.items():
+        assert task_config(task, "tiny") == tiny(preset())
+        small = task_config(task, "tiny")
+        assert small.model == "tiny" and small.sample.num_steps == 10 and small.run.epochs == 30
+        assert small.reward == preset().reward

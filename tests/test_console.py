@@ -1,6 +1,5 @@
 """The console (issue 13, finding 12): no third-party warnings, and a heartbeat without a TTY."""
 
-import dataclasses
 import io
 import logging
 import os
@@ -26,7 +25,7 @@ def beats(caplog) -> list[str]:
 
 
 def test_heartbeat_names_the_phase_every_interval_without_a_terminal(caplog):
-    caplog.set_level(logging.INFO, logger="learner.run")
+    caplog.set_level(logging.INFO, logger="learner")
     beat = Heartbeat(interval=0.1, stream=io.StringIO())  # a pipe or a file, as under `ray job`
     with beat.phase("epoch 3"):
         time.sleep(0.35)
@@ -43,7 +42,7 @@ def test_heartbeat_names_the_phase_every_interval_without_a_terminal(caplog):
 
 
 def test_heartbeat_waits_a_full_interval_after_a_line_and_is_off_on_a_terminal(caplog):
-    caplog.set_level(logging.INFO, logger="learner.run")
+    caplog.set_level(logging.INFO, logger="learner")
     beat = Heartbeat(interval=0.5, stream=io.StringIO())
     with beat.phase("epoch 0"):
         for _ in range(12):  # an epoch line every 0.05 s: nothing to add
@@ -81,8 +80,8 @@ def test_the_driver_beats_through_a_silent_start(small_config, caplog, monkeypat
 
     monkeypatch.setattr(session, "Heartbeat", lambda: Heartbeat(0.1, io.StringIO()))
     monkeypatch.setattr(session, "save_lora", lambda state, path: None)
-    caplog.set_level(logging.INFO, logger="learner.run")
-    config = dataclasses.replace(small_config(), save_every=0)
+    caplog.set_level(logging.INFO, logger="learner")
+    config = small_config(run={"save_every": 0})
     driver = driver_module.Driver(config, NoActors())
     driver.publish = lambda: 0
     driver.grid = lambda when, image=True: time.sleep(0.25)

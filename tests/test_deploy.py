@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import ast
 import copy
-import dataclasses
 import json
 import re
 import shlex
@@ -163,25 +162,24 @@ class RecordingWiring:
 
 def actors_of(config, tmp_path) -> list[tuple[str, dict]]:
     """The actors (class name, Ray options) that learner.run's driver creates for `config`."""
+    from ddpo.config import override
     from learner.driver import train
 
-    changes = {"run_dir": tmp_path}
-    if hasattr(config, "metrics_port"):  # never bind a port here
-        changes["metrics_port"] = None
     wiring = RecordingWiring()
-    with pytest.raises(_Stop):
-        train(dataclasses.replace(config, **changes), wiring)
+    with pytest.raises(_Stop):  # never bind a port here
+        train(override(config, {"run.dir": tmp_path, "run.metrics_port": None}), wiring)
     assert wiring.actors, "the driver created no actors"
     return wiring.actors
 
 
 def all_task_actors(tmp_path) -> list[tuple[str, dict]]:
-    from ddpo.config import TASKS, task_config
+    from ddpo.config import override
+    from ddpo.presets import TASKS, task_config
 
     actors = []
     for task in TASKS:
         config = task_config(task, "CompVis/stable-diffusion-v1-4")
-        actors += actors_of(dataclasses.replace(config, device="cuda"), tmp_path / task)
+        actors += actors_of(override(config, {"system.device": "cuda"}), tmp_path / task)
     return actors
 
 
@@ -277,9 +275,7 @@ def test_raycluster_matches_cluster_yaml(raycluster, cluster_yaml):
 
 
 def test_rayjob_runs_the_alignment_task_with_flags_learner_run_has(rayjob, raycluster, tmp_path):
-    import tyro
-
-    from learner.run import Args, build_config
+    from learner.run import fresh, parse
 
     spec = rayjob["spec"]
     assert rayjob["kind"] == "RayJob"
@@ -287,17 +283,20 @@ def test_rayjob_runs_the_alignment_task_with_flags_learner_run_has(rayjob, raycl
     assert spec["rayClusterSpec"] == raycluster["spec"], "rayjob.yaml's cluster != raycluster.yaml"
     argv = shlex.split(spec["entrypoint"])
     assert argv[:3] == ["python", "-m", "learner.run"]
-    args = tyro.cli(Args, args=argv[3:])  # every flag must exist in learner.run.Args
-    assert args.task == "alignment" and args.address == "auto" and args.device == "cuda"
-    assert str(args.run_dir).startswith("/mnt/runs/")
-    assert args.resume_or_start, "a retry must continue the run, not start it over"
+    command = parse(argv[3:])  # every flag must exist in learner.run's command line
+    config = command.config
+    assert config.task == "alignment" and config.run.address == "auto"
+    assert config.system.device == "cuda"
+    assert str(config.run.dir).startswith("/mnt/runs/")
+    assert command.resume_or_start, "a retry must continue the run, not start it over"
     mounts = spec["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]["containers"][0]
     assert "/mnt/runs" in [m["mountPath"] for m in mounts["volumeMounts"]]
-    config = build_config(args)  # the flags make a valid config (e.g. samplers divide batches)
+    fresh(command)  # the flags make a valid config (e.g. samplers divide batches)
 
     # The driver's port is the one the head pod exposes and Prometheus scrapes.
     ports = {p["name"]: p["containerPort"] for p in mounts["ports"]}
-    assert ports["driver-metrics"] == args.metrics_port and args.metrics_host == "0.0.0.0"
+    assert ports["driver-metrics"] == config.run.metrics_port
+    assert config.run.metrics_host == "0.0.0.0"
     assert ports["metrics"] == 8080
 
     groups = kuberay_groups(raycluster["spec"])

@@ -15,7 +15,8 @@ import json
 import numpy as np
 import pytest
 
-from ddpo.config import task_config
+from ddpo.config import override
+from ddpo.presets import task_config
 from learner.driver import Driver
 from learner.evaluation import paired_gain, read_evals
 from learner.shuffled import ShuffledDriver
@@ -35,12 +36,12 @@ def run(run_dir, epochs, learning_rate=None, shuffled=False):
     train = config.train
     if learning_rate is not None:
         train = dataclasses.replace(train, learning_rate=learning_rate)
-    config = dataclasses.replace(config, epochs=epochs, seed=0, run_dir=run_dir, train=train)
+    config = override(config, {"run.epochs": epochs, "seed": 0, "run.dir": run_dir, "train": train})
     # What is judged here is the training prompts' start and end: the held-out prompts (tested
     # in test_learner and test_guard) and the controls' middle evaluations would only cost time.
     config = dataclasses.replace(config, heldout_prompts=())
     if shuffled or learning_rate == 0:
-        config = dataclasses.replace(config, eval_every=0)
+        config = override(config, {"run.eval_every": 0})
     history = (ShuffledDriver if shuffled else Driver)(config).run()
     return history, read_evals(run_dir)
 

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from ddpo.config import task_config
 from ddpo.lora import save_lora
 from ddpo.policy import Policy
+from ddpo.presets import task_config
 from learner.export import ExportError, check_run_dir, export_lora, main
 
 SEEDS = [11, 12]

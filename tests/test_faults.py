@@ -3,7 +3,6 @@ seeded random points. Every run completes (or stops saying how to resume); batch
 trained twice; sync runs that lost and regained their learner end exactly where an uninterrupted
 run ends. (Sampler loss: tests/test_sampler_restart.py; node loss: tests/test_multinode.py.)"""
 
-import dataclasses
 import json
 import logging
 import threading
@@ -19,18 +18,19 @@ LORA = "lora/pytorch_lora_weights.safetensors"
 
 
 def fault_config(run_dir, **changes):
-    from ddpo.config import SampleConfig, TrainConfig, task_config
+    from ddpo.config import SampleConfig, TrainConfig, override
+    from ddpo.presets import task_config
 
-    settings = dict(
-        epochs=5,
-        run_dir=run_dir,
-        save_every=1,
-        sample=SampleConfig(num_steps=4, batch_size=4, num_batches_per_epoch=2),
-        train=TrainConfig(learning_rate=1e-2, clip_range=0.1, batch_size=4),
-        grid_prompts=2,
-        grid_seeds=2,
-    )
-    return dataclasses.replace(task_config("compressibility", "tiny"), **(settings | changes))
+    settings = {
+        "run.epochs": 5,
+        "run.dir": run_dir,
+        "run.save_every": 1,
+        "sample": SampleConfig(num_steps=4, batch_size=4, num_batches_per_epoch=2),
+        "train": TrainConfig(learning_rate=1e-2, clip_range=0.1, batch_size=4),
+        "grid_prompts": 2,
+        "grid_seeds": 2,
+    }
+    return override(task_config("compressibility", "tiny"), settings | changes)
 
 
 def records(run_dir):
@@ -113,7 +113,7 @@ def test_a_lost_learner_stops_the_run_and_resume_ends_where_the_straight_run_doe
 def test_auto_resume_replaces_a_lost_learner_in_sync_mode_exactly(straight, tmp_path, seed):
     from learner.driver import Driver
 
-    driver = Driver(fault_config(tmp_path, auto_resume=True))
+    driver = Driver(fault_config(tmp_path, run={"auto_resume": True}))
     killer = kill_during(driver, lambda d: d.learner, seed, True)
     history = driver.run()
     killer.join(timeout=30)
@@ -128,7 +128,9 @@ def test_auto_resume_replaces_a_lost_learner_in_sync_mode_exactly(straight, tmp_
 def test_auto_resume_in_async_mode_keeps_the_accounting(ray_instance, tmp_path, seed):
     from learner.driver import Driver
 
-    config = fault_config(tmp_path, mode="async", auto_resume=True, epochs=6)
+    config = fault_config(
+        tmp_path, run={"epochs": 6, "auto_resume": True}, system={"mode": "async"}
+    )
     driver = Driver(config)
     killer = kill_during(driver, lambda d: d.learner, seed, True)
     history = driver.run()
@@ -139,7 +141,7 @@ def test_auto_resume_in_async_mode_keeps_the_accounting(ray_instance, tmp_path, 
     totals = assert_accounting(tmp_path)
     nb = config.sample.num_batches_per_epoch
     assert totals["batches_trained"] == 6 * nb
-    assert all(h["staleness_max"] <= config.max_staleness for h in history)
+    assert all(h["staleness_max"] <= config.system.max_staleness for h in history)
 
 
 # ----- bad rewards, in one process -----
@@ -184,7 +186,7 @@ def test_nonfinite_and_miscounted_rewards_drop_their_batch_and_the_run_goes_on(
 
     bad_reward(monkeypatch, flaky)
     with caplog.at_level(logging.WARNING):
-        history = train(small_config(epochs=3), InProcess())
+        history = train(small_config(run={"epochs": 3}), InProcess())
     assert [h["batches_dropped"] for h in history] == [1, 1, 0]
     assert [h["samples"] for h in history] == [4, 4, 8]
     assert "returned shape (3,) for 4 images" in caplog.text  # the reward_error, logged
@@ -200,10 +202,10 @@ def test_a_reward_that_keeps_failing_stops_the_run_with_how_to_resume(small_conf
         return (rewards if call == 1 else rewards * np.inf), info  # the start grid still works
 
     bad_reward(monkeypatch, broken)
-    config = small_config(epochs=4, max_bad_batches=3)
+    config = small_config(run={"epochs": 4}, system={"max_bad_batches": 3})
     with pytest.raises(RewardBroken, match="3 batches in a row.*--resume"):
         train(config, InProcess())
-    assert checkpoint.latest(config.run_dir).epoch == 0  # the checkpoint before it is intact
+    assert checkpoint.latest(config.run.dir).epoch == 0  # the checkpoint before it is intact
 
 
 def test_a_missing_model_stops_before_anything_is_written(small_config, tmp_path):
@@ -213,5 +215,5 @@ def test_a_missing_model_stops_before_anything_is_written(small_config, tmp_path
 
     run_dir = tmp_path / "run"
     with pytest.raises(ModelLoadError, match="neither `tiny`, an existing directory"):
-        train(small_config(model="./no/such/model", run_dir=run_dir), InProcess())
+        train(small_config(model="./no/such/model", run={"dir": run_dir}), InProcess())
     assert not run_dir.exists()

@@ -56,27 +56,27 @@ def falling_reward():
 
 
 def test_a_falling_guard_stops_the_run_and_best_holds_the_best_evaluation(tmp_path, monkeypatch):
-    import dataclasses
     import json
 
-    from ddpo.config import SampleConfig, StatTrackerConfig, TrainConfig, task_config
+    from ddpo.config import SampleConfig, StatTrackerConfig, TrainConfig, override
+    from ddpo.presets import task_config
     from learner.driver import train
     from learner.evaluation import read_evals
     from learner.wiring import InProcess
     from rewards import REWARDS
 
     monkeypatch.setitem(REWARDS, "falling", falling_reward)
-    config = dataclasses.replace(
+    config = override(
         task_config("compressibility", "tiny"),
-        epochs=4,
-        eval_every=1,
-        guard="falling:0.5",
-        run_dir=tmp_path,
-        sample=SampleConfig(num_steps=4, batch_size=4, num_batches_per_epoch=2),
-        train=TrainConfig(learning_rate=3e-2, batch_size=4),
-        stat_tracker=StatTrackerConfig(buffer_size=4, min_count=2),
-        grid_prompts=2,
-        grid_seeds=2,
+        {
+            "run": {"epochs": 4, "eval_every": 1, "dir": tmp_path},
+            "guard": "falling:0.5",
+            "sample": SampleConfig(num_steps=4, batch_size=4, num_batches_per_epoch=2),
+            "train": TrainConfig(learning_rate=3e-2, batch_size=4),
+            "stat_tracker": StatTrackerConfig(buffer_size=4, min_count=2),
+            "grid_prompts": 2,
+            "grid_seeds": 2,
+        },
     )
     history = train(config, InProcess())
     # Held-out evaluation scores the guard too (the guard's second call): at epoch 1 it has

@@ -31,7 +31,7 @@ from pathlib import Path
 
 import pytest
 
-from ddpo.config import task_config
+from ddpo.presets import task_config
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent  # the venv's `ray` and `python`
@@ -211,7 +211,11 @@ def test_tiny_run_submitted_with_ray_job_submit(head, tmp_path):
     assert record["epoch"] == 0 and record["samples"] == preset.samples_per_epoch
     assert -10 < record["reward_mean"] < 0  # -JPEG kB of 32x32 images
     config = json.loads((run_dir / "config.json").read_text())
-    assert (config["task"], config["model"], config["epochs"]) == ("compressibility", "tiny", 1)
+    assert (config["task"], config["model"], config["run"]["epochs"]) == (
+        "compressibility",
+        "tiny",
+        1,
+    )
     assert (run_dir / "lora" / "pytorch_lora_weights.safetensors").is_file()
 
     # What a user does next: the report and the export for plain diffusers.

@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from ddpo.config import SampleConfig, StatTrackerConfig, TrainConfig, task_config
+from ddpo.config import SampleConfig, StatTrackerConfig, TrainConfig, override
 from ddpo.policy import Policy
+from ddpo.presets import task_config
 from learner.driver import train
 from learner.learner import Learner
 from learner.wiring import InProcess
@@ -19,7 +20,7 @@ def small_config(algorithm="ddpo_is", learning_rate=1e-3, **train):
     base = task_config("compressibility", "tiny")
     return dataclasses.replace(
         base,
-        epochs=2,
+        run=dataclasses.replace(base.run, epochs=2),
         sample=SampleConfig(num_steps=4, batch_size=4, num_batches_per_epoch=2),
         train=TrainConfig(algorithm=algorithm, learning_rate=learning_rate, batch_size=4, **train),
         stat_tracker=StatTrackerConfig(buffer_size=4, min_count=2),
@@ -83,7 +84,7 @@ def test_timestep_fraction_and_accumulation(tiny_pipe):
 
 
 def test_in_process_run_writes_run_directory(tmp_path):
-    config = dataclasses.replace(small_config(), run_dir=tmp_path)
+    config = override(small_config(), {"run.dir": tmp_path})
     history = train(config, InProcess())
     assert [h["epoch"] for h in history] == [0, 1]
     lines = [json.loads(s) for s in (tmp_path / "metrics.jsonl").read_text().splitlines()]
@@ -115,7 +116,7 @@ def test_a_batch_is_never_trained_twice(tiny_pipe):
 
 def test_cosine_schedule_follows_torch(tiny_pipe):
     """Each update's learning rate is torch's CosineAnnealingLR over the run's epochs, by version."""
-    config = dataclasses.replace(small_config(lr_schedule="cosine"), epochs=4)
+    config = override(small_config(lr_schedule="cosine"), {"run.epochs": 4})
     learner = make_learner(tiny_pipe, config)
     reference = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1e-3)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(reference, T_max=4)
@@ -180,12 +181,13 @@ def test_read_only_arrays_from_the_object_store_train_without_a_warning(tiny_pip
 
 def test_samplers_that_do_not_divide_the_batches(tmp_path):
     """Issue 15: 3 samplers share 4 sampler calls an epoch (2, 1, 1); the epoch is whole."""
-    config = dataclasses.replace(
+    config = override(
         small_config(),
-        epochs=1,
-        num_samplers=3,
-        run_dir=tmp_path,
-        sample=SampleConfig(num_steps=4, batch_size=2, num_batches_per_epoch=4),
+        {
+            "run": {"epochs": 1, "dir": tmp_path},
+            "system.num_samplers": 3,
+            "sample": SampleConfig(num_steps=4, batch_size=2, num_batches_per_epoch=4),
+        },
     )
     history = train(config, InProcess())
     assert history[0]["samples"] == 8

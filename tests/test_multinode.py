@@ -61,7 +61,7 @@ def test_roles_placement_pool_growth_and_a_full_run(cluster, small_config, tmp_p
     from learner.driver import Driver
 
     c, nodes = cluster
-    config = small_config(reward_workers_range=("jpeg_compressibility=1:2",))
+    config = small_config(system={"reward_workers_range": ("jpeg_compressibility=1:2",)})
     driver = Driver(config)
     assert node_of(driver.samplers[0]) == nodes["sampler"].node_id
     assert node_of(driver.learner) == nodes["learner"].node_id
@@ -86,7 +86,7 @@ def test_roles_placement_pool_growth_and_a_full_run(cluster, small_config, tmp_p
 
 @pytest.mark.slow
 def test_async_run_across_nodes(cluster, small_config):
-    history = train(small_config(mode="async", epochs=3))
+    history = train(small_config(run={"epochs": 3}, system={"mode": "async"}))
     assert len(history) == 3 and all(h["staleness_max"] <= 1 for h in history)
 
 
@@ -118,20 +118,20 @@ def test_a_lost_sampler_node_moves_its_sampler_to_another(cluster, small_config)
     c, nodes = cluster
     c.add_node(num_cpus=2, resources={"sampler": 1})  # a second node that can take a sampler
     c.wait_for_nodes()
-    config = small_config(epochs=5)
+    config = small_config(run={"epochs": 5})
     driver = Driver(config)
     first = node_of(driver.samplers[0])
     removed: dict = {}
     thread = remove_when(
-        c, sampler_node(c, nodes, first), config.run_dir / "metrics.jsonl", 1, removed
+        c, sampler_node(c, nodes, first), config.run.dir / "metrics.jsonl", 1, removed
     )
     history = driver.run()
     thread.join(timeout=30)
-    assert removed["epochs_logged"] < config.epochs  # the node went during the run
+    assert removed["epochs_logged"] < config.run.epochs  # the node went during the run
     assert first not in {n.node_id for n in c.list_all_nodes()}  # so the sampler moved
-    assert [h["epoch"] for h in history] == list(range(config.epochs))
+    assert [h["epoch"] for h in history] == list(range(config.run.epochs))
     assert all(h["samples"] == 8 for h in history)
-    assert [h["policy_version"] for h in history] == list(range(config.epochs))
+    assert [h["policy_version"] for h in history] == list(range(config.run.epochs))
 
 
 @pytest.mark.slow
@@ -139,11 +139,11 @@ def test_with_no_node_left_for_a_sampler_the_run_waits_then_says_why(cluster, sm
     from learner.driver import Driver
 
     c, nodes = cluster
-    config = small_config(epochs=50, restart_wait_s=5.0)
+    config = small_config(run={"epochs": 50}, system={"restart_wait_s": 5.0})
     driver = Driver(config)
     node = sampler_node(c, nodes, node_of(driver.samplers[0]))
-    thread = remove_when(c, node, config.run_dir / "metrics.jsonl", 1, {})
+    thread = remove_when(c, node, config.run.dir / "metrics.jsonl", 1, {})
     with pytest.raises(RuntimeError, match="sampler 0 did not come back within 5s.*--resume"):
         driver.run()
     thread.join(timeout=30)
-    assert (config.run_dir / "checkpoints").is_dir()  # what it learned so far is resumable
+    assert (config.run.dir / "checkpoints").is_dir()  # what it learned so far is resumable

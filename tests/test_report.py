@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from learner.evaluation import eval_rows
 from learner.report import (
     TensorBoardWriter,
-    eval_rows,
     grid_files,
     grid_name,
     read_metrics,

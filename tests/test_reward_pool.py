@@ -2,7 +2,8 @@
 
 import pytest
 
-from learner.reward_pool import PoolSize, RewardPool, parse_pool_sizes
+from ddpo.config import PoolSize, parse_pool_sizes
+from learner.reward_pool import RewardPool
 
 
 class Fake:

@@ -23,16 +23,6 @@ TOKEN = "test-token-0123456789"
 LIMITS = Limits(max_body_bytes=200_000, max_images=4, max_image_pixels=64 * 64, max_prompt_chars=50)
 
 
-@pytest.fixture(scope="module")
-def server():
-    server = make_server(make_reward("jpeg_compressibility"), "jpeg_compressibility", TOKEN, LIMITS)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield server
-    server.shutdown()
-    server.server_close()
-
-
 def images(n: int, size: int = 16, seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, 256, size=(n, size, size, 3), dtype=np.uint8)
 
@@ -224,10 +214,10 @@ def test_cli_serves_on_loopback_with_a_token_file(tmp_path):
 def test_a_run_scores_its_reward_with_the_service(tmp_path, monkeypatch):
     """--reward-url NAME=URL: the run's reward actors score through the service (its reward
     answers 7 for every image), the token taken from $DDPO_REWARD_TOKEN."""
-    import dataclasses
     import json
 
-    from ddpo.config import SampleConfig, StatTrackerConfig, task_config
+    from ddpo.config import SampleConfig, StatTrackerConfig, override
+    from ddpo.presets import task_config
     from learner.driver import train
     from learner.wiring import InProcess
 
@@ -240,18 +230,18 @@ def test_a_run_scores_its_reward_with_the_service(tmp_path, monkeypatch):
     service = make_server(seven, "jpeg_compressibility", TOKEN, Limits())
     threading.Thread(target=service.serve_forever, daemon=True).start()
     monkeypatch.setenv("DDPO_REWARD_TOKEN", TOKEN)
-    config = dataclasses.replace(
+    config = override(
         task_config("compressibility", "tiny"),
-        epochs=1,
-        run_dir=tmp_path,
-        reward_urls=(f"jpeg_compressibility={service.url}",),
-        sample=SampleConfig(num_steps=2, batch_size=4, num_batches_per_epoch=1),
-        stat_tracker=StatTrackerConfig(buffer_size=4, min_count=2),
-        train=dataclasses.replace(task_config("compressibility").train, batch_size=4),
-        grid_prompts=1,
-        grid_seeds=2,
-        heldout_prompts=(),
-        eval_every=0,
+        {
+            "run": {"epochs": 1, "dir": tmp_path, "eval_every": 0},
+            "system.reward_urls": (f"jpeg_compressibility={service.url}",),
+            "sample": SampleConfig(num_steps=2, batch_size=4, num_batches_per_epoch=1),
+            "stat_tracker": StatTrackerConfig(buffer_size=4, min_count=2),
+            "train.batch_size": 4,
+            "grid_prompts": 1,
+            "grid_seeds": 2,
+            "heldout_prompts": (),
+        },
     )
     try:
         train(config, InProcess())

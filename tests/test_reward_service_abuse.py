@@ -10,7 +10,6 @@ import socket
 import struct
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -25,7 +24,7 @@ from PIL import Image
 
 from rewards import make_reward
 from rewards.client import RemoteReward, RewardServiceError, _post_with_retries, score_remote
-from rewards.serve import Limits, make_server
+from rewards.serve import Limits
 
 ROOT = Path(__file__).resolve().parents[1]
 TOKEN = "test-token-0123456789"
@@ -77,16 +76,6 @@ def proc_status(pid: int, key: str) -> int:
 
 def peak_mib(server) -> float:
     return proc_status(server.pid, "VmHWM") / 1024
-
-
-@pytest.fixture(scope="module")
-def server():
-    server = make_server(make_reward("jpeg_compressibility"), "jpeg_compressibility", TOKEN, LIMITS)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield server
-    server.shutdown()
-    server.server_close()
 
 
 def post(server, body: bytes, method: str = "POST", path: str = "/score", **headers):

@@ -22,15 +22,14 @@ import dataclasses, signal, sys
 # user's shell never does: take Ctrl-C as Python does by default.
 signal.signal(signal.SIGINT, signal.default_int_handler)
 import learner.run as run
-from ddpo.config import SampleConfig, TrainConfig
+from ddpo.config import SampleConfig, TrainConfig, override
 preset = run.task_config
 def small(task, model="tiny"):  # the tiny preset shrunk to about a second an epoch
-    return dataclasses.replace(
-        preset(task, model),
-        sample=SampleConfig(num_steps=4, batch_size=4, num_batches_per_epoch=2),
-        train=TrainConfig(learning_rate=1e-2, clip_range=0.1, batch_size=4),
-        grid_prompts=2, grid_seeds=2, eval_every=0,
-    )
+    return override(preset(task, model), {
+        "sample": SampleConfig(num_steps=4, batch_size=4, num_batches_per_epoch=2),
+        "train": TrainConfig(learning_rate=1e-2, clip_range=0.1, batch_size=4),
+        "grid_prompts": 2, "grid_seeds": 2, "run.eval_every": 0,
+    })
 run.task_config = small
 # Half a second after each epoch's line, so that a signal sent on reading it lands in the run
 # (epochs of this size take about as long as the reader needs to react).
@@ -52,18 +51,18 @@ def one_thread(monkeypatch):
 
 
 def small_config(run_dir, **changes):
-    from ddpo.config import SampleConfig, TrainConfig, task_config
+    from ddpo.config import SampleConfig, TrainConfig, override
+    from ddpo.presets import task_config
 
-    return dataclasses.replace(
-        task_config("compressibility", "tiny"),
-        run_dir=run_dir,
-        sample=SampleConfig(num_steps=4, batch_size=4, num_batches_per_epoch=2),
-        train=TrainConfig(learning_rate=1e-2, clip_range=0.1, batch_size=4),
-        grid_prompts=2,
-        grid_seeds=2,
-        eval_every=0,
-        **changes,
-    )
+    settings = {
+        "run.dir": run_dir,
+        "run.eval_every": 0,
+        "sample": SampleConfig(num_steps=4, batch_size=4, num_batches_per_epoch=2),
+        "train": TrainConfig(learning_rate=1e-2, clip_range=0.1, batch_size=4),
+        "grid_prompts": 2,
+        "grid_seeds": 2,
+    }
+    return override(task_config("compressibility", "tiny"), settings | changes)
 
 
 def fake_run(run_dir, epochs=(5, 10, 15), **changes):
@@ -130,16 +129,15 @@ def test_checkpoints_are_pruned_and_found_by_epoch_number(tmp_path):
 
 
 def test_resume_or_start_continues_only_the_same_run(tmp_path, cli_error):
-    from learner.run import Args, plan
+    from learner.run import parse, plan
 
     run_dir = tmp_path / "run"
     fake_run(run_dir, epochs=(0, 1))
-    args = Args(run_dir=run_dir, resume_or_start=True)
     small = small_config(run_dir)
     # The same settings: it continues from the newest checkpoint.
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr("learner.run.task_config", lambda task, model: small)
-        config, ckpt = plan(args)
+        config, ckpt = plan(parse(["--run-dir", str(run_dir), "--resume-or-start"]))
         assert ckpt.epoch == 1 and config == small
         # Other settings: refused, naming them.
         before = digests(run_dir)
@@ -150,8 +148,8 @@ def test_resume_or_start_continues_only_the_same_run(tmp_path, cli_error):
         attempt = tmp_path / "attempt"
         fake_run(attempt, epochs=())
         (attempt / "eval.jsonl").write_text('{"when": "start"}\n')
-        config, ckpt = plan(dataclasses.replace(args, run_dir=attempt))
-        assert ckpt is None and config.run_dir == attempt
+        config, ckpt = plan(parse(["--run-dir", str(attempt), "--resume-or-start"]))
+        assert ckpt is None and config.run.dir == attempt
         (attempt / "config.json").write_text("{}")
         line = cli_error(["--resume-or-start", "--run-dir", str(attempt)])
         assert "already holds files" in line

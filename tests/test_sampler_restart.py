@@ -34,21 +34,21 @@ def test_killed_sampler_restarts_with_newest_weights(ray_instance, small_config,
 
     # Sampling takes about as long as training here, so the kill lands inside a sampler call.
     config = small_config(
-        mode=mode,
-        epochs=5,
+        system={"mode": mode},
+        run={"epochs": 5},
         sample=SampleConfig(num_steps=20, batch_size=8, num_batches_per_epoch=2),
     )
     driver = Driver(config)
     thread = kill_sampler_during(driver, after_epochs=2)
     history = driver.run()
     thread.join(timeout=10)
-    assert len(history) == config.epochs and all(h["samples"] == 16 for h in history)
-    assert [h["policy_version"] for h in history] == list(range(config.epochs))
+    assert len(history) == config.run.epochs and all(h["samples"] == 16 for h in history)
+    assert [h["policy_version"] for h in history] == list(range(config.run.epochs))
     # After the restart every batch was still sampled with current weights (sync: staleness 0).
     if mode == "sync":
         assert history[-1]["batches_lost_total"] >= 1
     else:
-        totals = json.loads((config.run_dir / "accounting.json").read_text())
+        totals = json.loads((config.run.dir / "accounting.json").read_text())
         assert totals.get("batches_lost", 0) >= 1
-        assert all(h["staleness_max"] <= config.max_staleness for h in history)
+        assert all(h["staleness_max"] <= config.system.max_staleness for h in history)
     assert np.isfinite([h["reward_mean"] for h in history]).all()

@@ -1,6 +1,6 @@
 """Show what a (tiny) model draws: a grid of prompts x seeds, and JPEG-size statistics.
 
-    python -m ddpo.tiny.inspect_model --out docs/tiny_grid.png
+    python tools/inspect_model.py --out docs/tiny_grid.png
 
 Rows are prompts (one per colour, shapes and backgrounds cycling), columns are seeds. The JPEG
 statistics are over `--samples` samples of random world prompts, as the compressibility task's

@@ -1,0 +1,220 @@
+"""Task presets and their prompt sets.
+
+A preset is a function returning a full `Config` with the paper's hyperparameters (Black et al.
+2023, appendix; ddpo-pytorch's config/dgx.py); presets derive from one another. `tiny(config)`
+scales any of them down to the tiny model (fewer steps and samples, the tiny world's prompts), so
+that it runs on 2 CPU cores.
+
+    config = task_config("aesthetic", "tiny")
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+from ddpo.config import (
+    Config,
+    RunConfig,
+    SampleConfig,
+    StatTrackerConfig,
+    TrainConfig,
+    override,
+    prompt_problem,
+)
+
+PROMPT_DIR = Path(__file__).parent / "prompts"
+
+
+def read_prompt_file(path: Path | str) -> tuple[str, ...]:
+    """One prompt a line; blank lines and lines starting with # are skipped."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(
+            f"prompt file {path} does not exist; pass a text file with one prompt a line"
+        )
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as err:
+        raise ValueError(f"prompt file {path} is not UTF-8 text ({err}); save it as UTF-8") from err
+    prompts = []
+    for number, line in enumerate(lines, 1):
+        prompt = line.strip()
+        if not prompt or prompt.startswith("#"):
+            continue
+        problem = prompt_problem(prompt)
+        if problem:
+            raise ValueError(f"prompt file {path}, line {number}: the prompt {problem}")
+        prompts.append(prompt)
+    if not prompts:
+        raise ValueError(f"prompt file {path} holds no prompts; write one prompt a line")
+    return tuple(prompts)
+
+
+def simple_animals() -> tuple[str, ...]:
+    return read_prompt_file(PROMPT_DIR / "simple_animals.txt")
+
+
+def imagenet_animals() -> tuple[str, ...]:
+    """The 398 animal classes of ImageNet-1k (the paper's compressibility prompts)."""
+    return read_prompt_file(PROMPT_DIR / "imagenet_animals.txt")
+
+
+def animal_activities() -> tuple[str, ...]:
+    """ "a(n) <animal> <activity>" for the 45 simple animals and the paper's 3 activities."""
+    activities = read_prompt_file(PROMPT_DIR / "activities.txt")
+    return tuple(f"{article(a)} {a} {act}" for a in simple_animals() for act in activities)
+
+
+def heldout_animals() -> tuple[str, ...]:
+    return read_prompt_file(PROMPT_DIR / "heldout_animals.txt")
+
+
+def everyday_objects() -> tuple[str, ...]:
+    return read_prompt_file(PROMPT_DIR / "everyday_objects.txt")
+
+
+def heldout_animal_activities() -> tuple[str, ...]:
+    """Unseen animals with the training activities, then trained animals with unseen ones."""
+    unseen = read_prompt_file(PROMPT_DIR / "heldout_activities.txt")
+    seen = read_prompt_file(PROMPT_DIR / "activities.txt")
+    new_animals = [f"{article(a)} {a} {act}" for a in heldout_animals() for act in seen]
+    new_activities = [f"{article(a)} {a} {act}" for a in simple_animals() for act in unseen]
+    return interleave(new_animals, new_activities)
+
+
+def interleave(*sets: tuple[str, ...] | list[str]) -> tuple[str, ...]:
+    """a0 b0 a1 b1 ... and then the rest of the longer: the first few prompts, which the
+    evaluations score, take from every set."""
+    out = []
+    for i in range(max(map(len, sets))):
+        out += [s[i] for s in sets if i < len(s)]
+    return tuple(out)
+
+
+def article(word: str) -> str:
+    return "an" if word[0] in "aeiou" else "a"
+
+
+def tiny_prompts() -> tuple[str, ...]:
+    """Six prompts of the tiny world, one per colour, shapes and backgrounds cycling."""
+    from ddpo.tiny import world
+
+    return tuple(
+        world.prompt_for(colour, world.SHAPES[i % 3], world.BACKGROUNDS[i % 4])
+        for i, colour in enumerate(world.COLOURS)
+    )
+
+
+def tiny_heldout_prompts() -> tuple[str, ...]:
+    """Six prompts of the tiny world never trained on: each colour with the shape and the
+    background that the next colour has in `tiny_prompts`, so every (colour, shape, background)
+    combination, and every colour-shape pair, is unseen in training."""
+    from ddpo.tiny import world
+
+    return tuple(
+        world.prompt_for(colour, world.SHAPES[(i + 1) % 3], world.BACKGROUNDS[(i + 1) % 4])
+        for i, colour in enumerate(world.COLOURS)
+    )
+
+
+# ----- task presets -----
+PAPER_MODEL = "CompVis/stable-diffusion-v1-4"
+
+
+def compressibility() -> Config:
+    # Global sizes of the reference's 8-GPU run (ddpo-pytorch config/dgx.py, compressibility):
+    # per GPU 4 sampler calls of 8 and optimizer steps of 4 x 2 accumulated, so per epoch
+    # 8 x 4 x 8 GPUs = 256 samples in calls of 8, and optimizer steps of 4 x 2 x 8 = 64 samples
+    # (here micro-batches of 4, 16 accumulated); 100 epochs. --num-samplers and the learner
+    # count only decide where this runs.
+    return Config(
+        task="compressibility",
+        model=PAPER_MODEL,
+        reward="jpeg_compressibility",
+        prompts=imagenet_animals(),
+        heldout_prompts=everyday_objects(),
+        run=RunConfig(epochs=100),
+        sample=SampleConfig(batch_size=8, num_batches_per_epoch=32),
+        train=TrainConfig(batch_size=4, gradient_accumulation_steps=16),
+    )
+
+
+def incompressibility() -> Config:
+    return dataclasses.replace(
+        compressibility(), task="incompressibility", reward="jpeg_incompressibility"
+    )
+
+
+def aesthetic() -> Config:
+    # Reference (config/dgx.py, aesthetic): the 45 simple animals; per GPU 4 calls of 8 and
+    # steps of 4 x 4 accumulated, so 256 samples an epoch and steps of 128 on 8 GPUs; a
+    # 32-long stat buffer; 200 epochs.
+    return override(
+        dataclasses.replace(
+            compressibility(),
+            task="aesthetic",
+            reward="aesthetic",
+            prompts=simple_animals(),
+            heldout_prompts=interleave(heldout_animals(), everyday_objects()),
+            stat_tracker=StatTrackerConfig(buffer_size=32, min_count=16),
+        ),
+        {"run.epochs": 200, "train.gradient_accumulation_steps": 32},
+    )
+
+
+def alignment() -> Config:
+    # Reference (config/dgx.py, prompt-image alignment): "a(n) <animal> <activity>"; per GPU
+    # 6 calls of 8 and steps of 4 x 6 accumulated, so 384 samples an epoch and steps of 192 on
+    # 8 GPUs; 200 epochs (the aesthetic preset's).
+    return override(
+        dataclasses.replace(
+            aesthetic(),
+            task="alignment",
+            reward="alignment",
+            prompts=animal_activities(),
+            heldout_prompts=heldout_animal_activities(),
+        ),
+        {"sample.num_batches_per_epoch": 48, "train.gradient_accumulation_steps": 48},
+    )
+
+
+def tiny(config: Config) -> Config:
+    """`config`'s task on the tiny model, at a size that runs on 2 CPU cores.
+
+    Chosen by a sweep on 2 CPU cores (BENCHMARKS.md, "Learning"). The policy gradient of a few
+    samples is mostly noise, so the preset buys samples: 10 DDIM steps and calls of 32 samples
+    (2.5x the time of a call of 8, the tiny UNet's ops being short) give 64 samples an epoch in
+    about 4 s. Weight drift lowers compressibility, so the trust region is tight: clip 1e-3 on
+    the 256-dimensional latent (the paper's 1e-4 is on 16,384). Most of the gain comes in the
+    first 30 epochs; past them the runs wander (one of five seeds gave back most of its gain by
+    epoch 80), so the demo stops there.
+    """
+    return dataclasses.replace(
+        config,
+        model="tiny",
+        prompts=tiny_prompts(),
+        heldout_prompts=tiny_heldout_prompts(),
+        run=dataclasses.replace(config.run, epochs=30, eval_every=10),
+        sample=SampleConfig(num_steps=10, batch_size=32, num_batches_per_epoch=2),
+        train=TrainConfig(learning_rate=3e-2, clip_range=1e-3, batch_size=32),
+        stat_tracker=StatTrackerConfig(buffer_size=16, min_count=4),
+        grid_prompts=6,
+        grid_seeds=8,
+    )
+
+
+TASKS = {
+    "compressibility": compressibility,
+    "incompressibility": incompressibility,
+    "aesthetic": aesthetic,
+    "alignment": alignment,
+}
+
+
+def task_config(task: str, model: str = "tiny") -> Config:
+    """The preset of `task`, scaled down when model is `tiny`, pointed at `model` otherwise."""
+    if task not in TASKS:
+        raise ValueError(f"unknown task {task!r}; choose one of {', '.join(TASKS)}")
+    config = TASKS[task]()
+    return tiny(config) if model == "tiny" else dataclasses.replace(config, model=model)
