@@ -32,8 +32,8 @@ import tyro
 from common import describe, machine, markdown_table, write_json
 from gpu import sd14_pipeline
 
-from ddpo.config import tiny_prompts
 from ddpo.policy import Policy, load_pipeline
+from ddpo.presets import tiny_prompts
 
 # tf32: fp32 weights with TF32 matmuls too (cuDNN's convolutions use TF32 by default anyway).
 DTYPES = {
