@@ -273,15 +273,16 @@ def test_actor_metrics_reach_prometheus_under_the_dashboards_names(head, tmp_pat
 
 def test_a_head_too_small_for_the_run_says_what_is_missing_and_stops(tmp_path):
     """An async run needs a logical CPU for each of its sampler, reward actor and learner: on a
-    head with 2, one of them cannot start. The driver says so within a minute and, with no
-    autoscaler to add a node, stops after --pending-timeout with one line naming the fix."""
+    head with 2, one of them cannot start. The driver says so at its first report and, with no
+    autoscaler to add a node, stops after --pending-timeout with one line naming the fix (the
+    intervals shortened from the defaults, 30 s and 300 s, for the test's sake)."""
     with started_head(extra=("--num-cpus=2",)) as small:
         start = time.time()
         driver = subprocess.Popen(
             [
                 sys.executable, "-m", "learner.run", "--task", "compressibility", "--model",
                 "tiny", "--mode", "async", "--run-dir", str(tmp_path / "run"),
-                "--address", small["gcs"], "--pending-timeout", "35",
+                "--address", small["gcs"], "--pending-timeout", "15", "--run.pending-report-s", "8",
             ],
             env=small["env"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         )  # fmt: skip
@@ -305,6 +306,6 @@ def test_a_head_too_small_for_the_run_says_what_is_missing_and_stops(tmp_path):
     assert "no autoscaler can add a node to this cluster" in output
     assert status == 2, output
     last = lines[-1][1]
-    assert last.startswith("error: 1 actor could not start in 3"), output
+    assert last.startswith("error: 1 actor could not start in 1"), output  # 15-16 s
     assert "start Ray with 3 logical CPUs (ray start --head --num-cpus=3" in last
     print(f"pending report after {reported:.0f}s, stopped after {time.time() - start:.0f}s")
