@@ -140,6 +140,12 @@ class Config:
     seed: int = 0
     num_samplers: int = 1
     """Sampler actors; sample.num_batches_per_epoch is split over them."""
+    num_learners: int = 1
+    """Data-parallel learner actors (one GPU each on cuda): each trains on train.batch_size /
+    num_learners samples of every minibatch, gradients all-reduced, same update as one learner."""
+    learner_placement: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
+    """Ray placement strategy of a learner group (num_learners > 1): PACK fills a multi-GPU
+    learner node first; STRICT_SPREAD puts every rank on a node of its own."""
     mode: Literal["sync", "async"] = "sync"
     """sync: sample, score, train, publish in turn (the reference). async: samplers never wait
     for the learner; the learner trains on batches at most max_staleness versions old."""
@@ -247,6 +253,19 @@ class Config:
                 f"num_samplers={self.num_samplers} exceeds sample.num_batches_per_epoch="
                 f"{self.sample.num_batches_per_epoch}: in sync mode a sampler makes whole calls "
                 "of sample.batch_size, so some would idle; use fewer samplers or more, smaller calls"
+            )
+        if self.num_learners < 1:
+            raise ValueError(f"num_learners={self.num_learners} must be at least 1")
+        if self.train.batch_size % self.num_learners:
+            raise ValueError(
+                f"train.batch_size={self.train.batch_size} does not divide over num_learners="
+                f"{self.num_learners}: each learner takes an equal share of every minibatch; "
+                "use a number of learners that divides it"
+            )
+        if self.learner_placement not in ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"):
+            raise ValueError(
+                f"learner_placement={self.learner_placement!r}: choose PACK, SPREAD, STRICT_PACK "
+                "or STRICT_SPREAD"
             )
         total = self.sample.batch_size * self.sample.num_batches_per_epoch
         per_step = self.train.batch_size * self.train.gradient_accumulation_steps

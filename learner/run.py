@@ -62,6 +62,12 @@ class Args:
     grow (default 300; 0 waits on); every 30 s the run says what they wait for."""
     num_samplers: int = 1
     """Sampler actors."""
+    num_learners: int = 1
+    """Data-parallel learner actors (one GPU each with --device cuda); train.batch_size must
+    divide over them."""
+    learner_placement: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
+    """Ray placement strategy of the learner group: PACK (one multi-GPU node if one has room) or
+    STRICT_SPREAD (one rank per node)."""
     mode: Literal["sync", "async"] = "sync"
     """sync (the reference) or async (samplers never wait for the learner)."""
     max_staleness: int = 1
@@ -154,6 +160,8 @@ def build_config(args: Args) -> Config:
         seed=args.seed,
         address=args.address,
         num_samplers=args.num_samplers,
+        num_learners=args.num_learners,
+        learner_placement=args.learner_placement,
         mode=args.mode,
         max_staleness=args.max_staleness,
         prompts=prompts,
@@ -273,6 +281,7 @@ def resolved(config: Config) -> dict[str, Any]:
             // per_step
             * config.train.num_inner_epochs,
             "sampler_calls_per_sampler": split,
+            "samples_per_learner_minibatch": config.train.batch_size // config.num_learners,
         }
     }
 
