@@ -172,4 +172,14 @@ def test_print_config_shows_the_global_sizes_and_starts_nothing(tmp_path, capsys
     main(["--task", "compressibility", "--model", model, "--num-samplers", "3", "--print-config"])
     uneven = json.loads(capsys.readouterr().out)["derived"]["sampler_calls_per_sampler"]
     assert uneven == [11, 11, 10]
+    main(["--task", "compressibility", "--model", model, "--num-learners", "4", "--print-config"])
+    shown = json.loads(capsys.readouterr().out)
+    assert shown["num_learners"] == 4 and shown["derived"]["samples_per_learner_minibatch"] == 1
     assert list(tmp_path.iterdir()) == []
+
+
+def test_learner_counts_that_do_not_divide_the_minibatch_stop_in_one_line(cli_error):
+    line = cli_error(["--num-learners", "3"])
+    assert "num_learners=3" in line and "use a number of learners that divides it" in line
+    line = cli_error(["--num-learners", "0"])
+    assert "num_learners=0 must be at least 1" in line
