@@ -8,7 +8,9 @@ sampled once in this process and put in the object store. Then, for each group s
 each) train on it: one warm-up update, then `--updates` timed ones, each on the same samples
 under fresh batch ids (a learner trains a batch id once). The time is the driver's wall clock
 from the calls to the last rank's answer: fetching the trajectories, the ranks' shares of every
-minibatch, the all-reduces. Speed-up = t(1) / t(N); efficiency = speed-up / N.
+minibatch, the all-reduces. Speed-up = t(1) / t(N); efficiency = speed-up / N. The CPU seconds
+the ranks' processes used during the update, summed, show the work that was added by splitting
+it (they do not depend on what else runs on the machine as the wall time does).
 
 On a machine of C cores, N learners of one thread each can use min(N, C) of them; the Ray
 daemons and this driver take a little. Prints a table and writes bench/results/learners.json.
@@ -67,21 +69,27 @@ def time_group(wiring: OnRay, config, n: int, batches: list, updates: int) -> di
     rng = np.random.default_rng(0)
     advantages = rng.standard_normal(config.samples_per_epoch).astype(np.float32)
 
-    def update(tag: str) -> float:
+    def cpu_seconds() -> float:
+        """CPU time the ranks' processes have used (all their threads), summed."""
+        calls = [r.__ray_call__.remote(lambda self: time.process_time()) for r in group.ranks]
+        return sum(ray.get(calls))
+
+    def update(tag: str) -> tuple[float, float]:
         refs = [ray.put(dataclasses.replace(b, batch_id=f"{tag}-{b.batch_id}")) for b in batches]
-        start = time.perf_counter()
+        cpu, start = cpu_seconds(), time.perf_counter()
         group.gather(group.call_all("update", advantages, advantages, *refs))
-        return time.perf_counter() - start
+        return time.perf_counter() - start, cpu_seconds() - cpu
 
     try:
         update("warm-up")  # the ranks started, joined and ran every code path once
-        seconds = [update(f"u{i}") for i in range(updates)]
+        wall, cpu = zip(*[update(f"u{i}") for i in range(updates)], strict=True)
     finally:
         group.stop()
     return {
         "learners": n,
-        "update_seconds": seconds,
-        "update_seconds_median": float(np.median(seconds)),
+        "update_seconds": list(wall),
+        "update_seconds_median": float(np.median(wall)),
+        "rank_cpu_seconds_median": float(np.median(cpu)),
     }
 
 
@@ -90,6 +98,7 @@ def main(args: Args) -> None:
 
     os.environ["DDPO_THREADS"] = "1"  # one torch thread in every learner
     facts = machine()
+    facts["load_average_before"] = os.getloadavg()  # other work on the machine, if any
     config = dataclasses.replace(task_config("compressibility", "tiny"), run_dir=Path("/tmp"))
     ray.init(num_cpus=max(args.learners), include_dashboard=False, log_to_driver=False)
     try:
@@ -98,6 +107,7 @@ def main(args: Args) -> None:
         rows = [time_group(wiring, config, n, batches, args.updates) for n in args.learners]
     finally:
         ray.shutdown()
+    facts["load_average_after"] = os.getloadavg()
     one = rows[0]["update_seconds_median"] * rows[0]["learners"]
     for r in rows:
         r["speedup"] = one / r["update_seconds_median"]
@@ -110,12 +120,20 @@ def main(args: Args) -> None:
         f"minibatches of {t.batch_size}, {t.gradient_accumulation_steps} per optimizer step; "
         "one torch thread a learner.\n"
     )
-    header = ["learners", "s/update (median)", "s/update (each)", "speed-up", "efficiency"]
+    header = [
+        "learners",
+        "s/update (median)",
+        "s/update (each)",
+        "CPU s/update, all ranks",
+        "speed-up",
+        "efficiency",
+    ]
     table = [
         [
             r["learners"],
             r["update_seconds_median"],
             ", ".join(f"{s:.2f}" for s in r["update_seconds"]),
+            r["rank_cpu_seconds_median"],
             r["speedup"],
             r["efficiency"],
         ]
