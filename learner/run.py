@@ -333,6 +333,11 @@ def main(argv: list[str] | None = None) -> None:
         return
     try:
         config, ckpt = plan(args)
+        if args.in_process and config.num_learners > 1:
+            raise ValueError(
+                f"--in-process runs one learner, not num_learners={config.num_learners}: "
+                "drop --in-process (a learner group needs a process a rank)"
+            )
     except (ValueError, ModelLoadError) as err:
         fail(f"error: {err}", 2)
     start = time.time()

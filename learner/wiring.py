@@ -76,8 +76,7 @@ class InProcess:
 
     def placement_group(self, bundles: list[dict[str, float]], strategy: str) -> tuple[Any, list]:
         raise ValueError(
-            f"{len(bundles)} learners need a process each: run on Ray (drop --in-process), or "
-            "use --num-learners 1"
+            f"{len(bundles)} learners need a process each: run on Ray, or use one learner"
         )
 
     def remove_placement_group(self, group: Any) -> None:

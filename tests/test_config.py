@@ -178,8 +178,10 @@ def test_print_config_shows_the_global_sizes_and_starts_nothing(tmp_path, capsys
     assert list(tmp_path.iterdir()) == []
 
 
-def test_learner_counts_that_do_not_divide_the_minibatch_stop_in_one_line(cli_error):
+def test_learner_counts_that_do_not_divide_the_minibatch_stop_in_one_line(cli_error, tmp_path):
     line = cli_error(["--num-learners", "3"])
     assert "num_learners=3" in line and "use a number of learners that divides it" in line
     line = cli_error(["--num-learners", "0"])
     assert "num_learners=0 must be at least 1" in line
+    line = cli_error(["--num-learners", "2", "--in-process", "--run-dir", str(tmp_path / "r")])
+    assert "drop --in-process" in line and not (tmp_path / "r").exists()
