@@ -200,7 +200,7 @@ class Fleet:
         """One object-store copy of the CPU LoRA state dict; every sampler gets its ref. Only the
         newest ref is kept (the previous version's object is freed once samplers drop it)."""
         w = self.wiring
-        self.weights = w.call(self.learner, "weights", num_returns=2)  # (version, state) refs
+        self.weights = self.learners.call("weights", num_returns=2)  # (version, state) refs
         version = self.from_learner(self.weights[0])
         sent = [self.send_weights(s) for s in self.samplers]
         for i, ref in enumerate(sent):
@@ -212,7 +212,7 @@ class Fleet:
 
     def lora(self) -> dict:
         """The learner's LoRA state dict (CPU tensors), fetched from the learner."""
-        _, state = self.wiring.call(self.learner, "weights", num_returns=2)
+        _, state = self.learners.call("weights", num_returns=2)
         return self.wiring.get(state)
 
     def from_learner(self, ref: Any) -> Any:
