@@ -259,7 +259,11 @@ class SystemConfig:
     num_samplers: Annotated[int, alias("--num-samplers")] = 1
     """Sampler actors; sample.num_batches_per_epoch is split over them."""
     num_learners: Annotated[int, alias("--num-learners")] = 1
-    """Learner actors (data-parallel)."""
+    """Data-parallel learner actors (one GPU each on cuda): each trains on train.batch_size /
+    num_learners samples of every minibatch, gradients all-reduced, same update as one learner."""
+    learner_placement: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
+    """Ray placement strategy of a learner group (num_learners > 1): PACK fills a multi-GPU
+    learner node first; STRICT_SPREAD puts every rank on a node of its own."""
     mode: Annotated[Literal["sync", "async"], alias("--mode")] = "sync"
     """sync: sample, score, train, publish in turn (the reference). async: samplers never wait
     for the learner; the learner trains on batches at most max_staleness versions old."""
@@ -288,6 +292,11 @@ class SystemConfig:
                 raise ConfigError(f"system.{name}={getattr(self, name)} must be at least 1")
         if self.max_staleness < 0:
             raise ConfigError(f"system.max_staleness={self.max_staleness} must be >= 0")
+        if self.learner_placement not in ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"):
+            raise ConfigError(
+                f"system.learner_placement={self.learner_placement!r}: choose PACK, SPREAD, "
+                "STRICT_PACK or STRICT_SPREAD"
+            )
         parse_pool_sizes(self.reward_workers, self.reward_workers_range)  # refused here
 
     @property
@@ -355,6 +364,13 @@ class Config:
                 f"system.num_samplers={samplers} exceeds sample.num_batches_per_epoch={calls}: "
                 "in sync mode a sampler makes whole calls of sample.batch_size, so some would "
                 "idle; use fewer samplers or more, smaller calls"
+            )
+        learners = self.system.num_learners
+        if self.train.batch_size % learners:
+            raise ConfigError(
+                f"train.batch_size={self.train.batch_size} does not divide over "
+                f"system.num_learners={learners}: each learner takes an equal share of every "
+                "minibatch; use a number of learners that divides it"
             )
         per_step = self.train.batch_size * self.train.gradient_accumulation_steps
         if self.samples_per_epoch % per_step:

@@ -29,6 +29,7 @@ from learner.errors import LearnerLost
 from learner.scoring import Scored, batch_schedule, score_batch, update_record
 
 if TYPE_CHECKING:
+    from learner.group import GroupCall
     from learner.session import Session
 
 __all__ = ["AsyncDriver", "AsyncState", "batch_schedule"]
@@ -89,7 +90,8 @@ class AsyncDriver:
         self.inflight = [0] * len(self.fleet.samplers)
         self.ready: list[Scored] = []
         self.interval: Counter[str] = Counter()  # since the last update
-        self.update_ref: Any = None
+        self.update: GroupCall | None = None  # the learner ranks' update calls
+        self.update_result: dict | None = None
         self.update_batches: list[Scored] = []
         self.update_started = 0.0
 
@@ -132,11 +134,14 @@ class AsyncDriver:
                 while self.inflight[i] < c.system.max_inflight:
                     self.submit(i)
             # The update first: in one process every call has returned, and it must not starve.
-            updating = [self.update_ref] if self.update_ref is not None else []
+            updating = self.update.waiting if self.update is not None else []
             waiting = updating + [list(p.scores.values())[-1] for p in self.pending]
             done = self.fleet.wiring.wait(waiting, num_returns=1)
-            if updating and 0 in done:
-                self.finish_update()
+            ranks = [i for i in done if i < len(updating)]  # learner ranks that have answered
+            if ranks and self.update is not None:
+                self.update_result = self.fleet.update_done(self.update, ranks)
+                if self.update_result is not None:
+                    self.finish_update()
             gone = {id(self.pending[i - len(updating)]) for i in done if i >= len(updating)}
             for p in [p for p in self.pending if id(p) in gone]:
                 self.pending.remove(p)
@@ -147,7 +152,7 @@ class AsyncDriver:
             if overflow:
                 self.ready = self.ready[overflow:]
                 self.count_dropped("batches_dropped_stale", overflow)
-            if self.update_ref is None and len(self.ready) >= nb and len(s.history) < c.run.epochs:
+            if self.update is None and len(self.ready) >= nb and len(s.history) < c.run.epochs:
                 self.start_update()
 
     def submit(self, i: int) -> None:
@@ -209,12 +214,11 @@ class AsyncDriver:
         advantages = self.session.advantages(prompts, rewards)
         self.update_started = time.time()
         trajs = [s.traj for s in self.update_batches]
-        self.update_ref = self.fleet.start_update(advantages, rewards, trajs)
+        self.update = self.fleet.start_update(advantages, rewards, trajs)
 
     def finish_update(self) -> None:
         s, batches = self.session, self.update_batches
-        update = self.fleet.from_learner(self.update_ref)
-        self.update_ref = None
+        update, self.update, self.update_result = self.update_result or {}, None, None
         self.busy["learner"] += time.time() - self.update_started
         self.state.totals["batches_trained"] += len(batches)
         staleness = Counter(self.staleness(b) for b in batches)

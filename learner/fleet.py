@@ -13,7 +13,6 @@ import json
 import logging
 import os
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +22,7 @@ from actors.reward import RewardWorker
 from actors.sampler import Sampler
 from ddpo.config import Config, PoolSize
 from ddpo.threads import role_threads
-from learner.errors import LearnerLost
+from learner.group import GroupCall, LearnerGroup, merged_metrics
 from learner.learner import Learner
 from learner.reward_pool import RewardPool
 from learner.wiring import OnRay, Wiring
@@ -129,7 +128,7 @@ class Fleet:
             config.run.address,
             min_cpus=config.system.num_samplers
             + sum(sizes.get(n, PoolSize()).max for n in trained)
-            + 1
+            + config.system.num_learners
             + bool(guard),
             resources={"sampler": config.system.num_samplers, "learner": 1}
             | local_role_resources(scored),
@@ -138,9 +137,12 @@ class Fleet:
         # the cores so that torch never runs more threads than there are cores.
         threads = os.cpu_count() or 1
         is_async = config.system.mode == "async"
-        busy_together = config.system.num_samplers + is_async
+        learners = config.system.num_learners
+        busy_together = config.system.num_samplers + is_async * learners
         sampler_threads, adaptive = role_threads(max(1, threads // busy_together))
-        learner_threads, _ = role_threads(sampler_threads if is_async else threads)
+        learner_threads, _ = role_threads(
+            sampler_threads if is_async else max(1, threads // learners)
+        )
         gpu = config.system.device.startswith("cuda")
         create = self.wiring.create
         sampler_options = role_options("sampler", gpu, weights_group=is_async)
@@ -168,10 +170,20 @@ class Fleet:
         self.pools = {name: pool(name) for name in trained}
         self.guard_pool = pool(guard) if guard else None
         learner_options = role_options("learner", gpu, takes_turns=not is_async)
-        self.make_learner: Callable[[], Any] = lambda: create(
-            Learner, config, learner_threads, None, adaptive, options=learner_options
-        )
-        self.learner = self.make_learner()
+        if config.system.num_learners > 1:  # a placement group's bundle cannot be empty
+            learner_options["num_cpus"] = learner_options["num_cpus"] or ROLE_SHARE
+        bundle = {"CPU": learner_options["num_cpus"], "GPU": learner_options["num_gpus"]}
+        self.learners = LearnerGroup(
+            self.wiring,
+            lambda placement: create(
+                Learner, config, learner_threads, None, adaptive,
+                options=learner_options | placement,
+            ),
+            config.system.num_learners,
+            bundle | learner_options["resources"],
+            config.system.learner_placement,
+            self.run_dir,
+        )  # fmt: skip
         self.weights: tuple[Any, Any] = (None, None)  # refs of the published (version, state)
         self.lost_batches = 0  # batches lost with a sampler and sampled again
         self._control_mtime = 0.0
@@ -182,12 +194,17 @@ class Fleet:
     def __exit__(self, *exc: object) -> None:
         self.shutdown()
 
+    @property
+    def learner(self) -> Any:
+        """The learner actor (rank 0 of a group): it publishes weights and writes checkpoints."""
+        return self.learners.lead
+
     # ----- weights and the learner -----
     def publish(self) -> int:
         """One object-store copy of the CPU LoRA state dict; every sampler gets its ref. Only the
         newest ref is kept (the previous version's object is freed once samplers drop it)."""
         w = self.wiring
-        self.weights = w.call(self.learner, "weights", num_returns=2)  # (version, state) refs
+        self.weights = self.learners.call("weights", num_returns=2)  # (version, state) refs
         version = self.from_learner(self.weights[0])
         sent = [self.send_weights(s) for s in self.samplers]
         for i, ref in enumerate(sent):
@@ -199,37 +216,51 @@ class Fleet:
 
     def lora(self) -> dict:
         """The learner's LoRA state dict (CPU tensors), fetched from the learner."""
-        _, state = self.wiring.call(self.learner, "weights", num_returns=2)
+        _, state = self.learners.call("weights", num_returns=2)
         return self.wiring.get(state)
 
     def from_learner(self, ref: Any) -> Any:
-        """The result of a learner call; the learner's death becomes `LearnerLost`."""
-        try:
-            return self.wiring.get(ref)
-        except self.wiring.actor_errors as err:
-            raise LearnerLost(self.run_dir, err) from err
+        """The result of a call to the learner (rank 0); its death becomes `LearnerLost`."""
+        return self.learners.result(ref)
 
     def ask_learner(self, method: str, *args: Any, num_returns: int = 1) -> Any:
-        """Call a learner method and wait for its result (`LearnerLost` if it died)."""
-        return self.from_learner(
-            self.wiring.call(self.learner, method, *args, num_returns=num_returns)
-        )
+        """Call a method of the learner (rank 0) and wait for its result (`LearnerLost` if it
+        died): one that changes nothing, as weights, state and check_state."""
+        return self.learners.ask(method, *args, num_returns=num_returns)
 
-    def start_update(self, advantages: np.ndarray, rewards: np.ndarray, trajs: list) -> Any:
-        """Start one learner update on these trajectory batches (refs); its result's ref."""
-        return self.wiring.call(self.learner, "update", advantages, rewards, *trajs)
+    def tell_learners(self, method: str, *args: Any) -> Any:
+        """Call a method on every learner rank and wait (`LearnerLost` if one died): one that
+        changes their state alike, as load_state. Rank 0's result."""
+        return self.learners.ask_all(method, *args)
+
+    def start_update(self, advantages: np.ndarray, rewards: np.ndarray, trajs: list) -> GroupCall:
+        """Start one update on every learner rank on these trajectory batches (refs: each rank
+        fetches them itself); `update_done` takes the ranks' results."""
+        return self.learners.call_all("update", advantages, rewards, *trajs)
+
+    def update_done(self, call: GroupCall, ready: list[int]) -> dict | None:
+        """Take the ranks' results at positions `ready` of `call.waiting`; once every rank has
+        answered, the update's metrics (else None). `LearnerLost` if a rank died, `BatchesLost`
+        if a node took trajectories with it."""
+        try:
+            if not self.learners.poll(call, ready):
+                return None
+        except self.wiring.lost_errors as err:
+            raise BatchesLost(len(call.refs)) from err
+        return merged_metrics([call.results[i] for i in range(len(call.refs))])
 
     def update(self, advantages: np.ndarray, rewards: np.ndarray, trajs: list) -> dict:
-        """One learner update; `BatchesLost` if a node took trajectories with it."""
-        try:
-            return self.from_learner(self.start_update(advantages, rewards, trajs))
-        except self.wiring.lost_errors as err:
-            raise BatchesLost(len(trajs)) from err
+        """One update of every learner rank, waited for: its metrics."""
+        call = self.start_update(advantages, rewards, trajs)
+        while True:
+            metrics = self.update_done(call, self.wiring.wait(call.waiting))
+            if metrics is not None:
+                return metrics
 
     def replace_learner(self) -> None:
-        """A new learner actor in place of a lost one (it starts from its initial state)."""
-        self.learner = self.make_learner()
-        self.wait_started({"learner": self.learner})
+        """New learner actors in place of a lost group (they start from their initial state)."""
+        self.learners.restart()
+        self.wait_started(self.learners.named())
 
     # ----- samplers -----
     def send_weights(self, sampler: Any) -> Any:
@@ -351,7 +382,7 @@ class Fleet:
     def actors(self) -> dict[str, Any]:
         """The run's actors by name: samplers, the learner, every reward pool's actors."""
         actors = {f"sampler {i}": s for i, s in enumerate(self.samplers)}
-        actors["learner"] = self.learner
+        actors |= self.learners.named()
         pools = list(self.pools.values()) + ([self.guard_pool] if self.guard_pool else [])
         for pool in pools:
             actors |= {f"reward actor {pool.name} {i}": a for i, a in enumerate(pool.actors)}
@@ -372,3 +403,4 @@ class Fleet:
                 self.wiring.kill(actor)
             except Exception as err:  # already gone
                 log.debug("kill %s: %s", actor, err)
+        self.learners.stop()

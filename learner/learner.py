@@ -13,14 +13,18 @@ from ddpo.config import Config
 from ddpo.policy import Policy, load_pipeline
 from ddpo.threads import ThreadGovernor
 from ddpo.trajectory import Trajectory
-from learner import checkpoint, losses
+from learner import checkpoint, distributed, losses
 
 UPDATE_METRICS = ("loss", "approx_kl", "clipfrac", "dualclipfrac", "grad_norm", "kl_base")
 """What the driver logs of each update's metrics (besides the staleness breakdown)."""
 
 
 class Learner:
-    """Owns the trainable policy; `update` consumes trajectories and advantages, bumps the version."""
+    """Owns the trainable policy; `update` consumes trajectories and advantages, bumps the version.
+
+    Alone, or one rank of a data-parallel group (`join_group`, `learner.distributed`): every rank
+    gets the whole epoch, draws the same permutations, trains on its share of each minibatch and
+    sums the gradients with the others before each optimizer step."""
 
     def __init__(
         self,
@@ -55,6 +59,19 @@ class Learner:
         self.generator = torch.Generator().manual_seed(config.seed + 1)
         self.version = 0
         self.trained_batches: set[str] = set()  # every batch id is trained on at most once
+        self.rank, self.world = 0, 1  # this learner's place in its data-parallel group
+
+    def rendezvous(self) -> str:
+        """host:port where this learner, rank 0 of a group, will wait for the others."""
+        return distributed.free_address()
+
+    def join_group(self, rank: int, world: int, address: str) -> int:
+        """Become rank `rank` of a group of `world` learners meeting at `address` (rank 0's
+        `rendezvous`); every rank then starts from rank 0's LoRA weights. Returns the rank."""
+        distributed.join(rank, world, address, self.config.system.device)
+        self.rank, self.world = rank, world
+        distributed.broadcast_params(self.policy.trainable_parameters())
+        return rank
 
     def weights(self) -> tuple[int, dict[str, torch.Tensor]]:
         """(policy version, CPU LoRA state dict): what gets published to samplers."""
@@ -174,14 +191,23 @@ class Learner:
 
     def _optimizer_step(self) -> float:
         params = self.policy.trainable_parameters()
+        if self.world > 1:  # the group's gradient: the sum of the ranks' shares
+            distributed.all_reduce_grads(params)
         norm = torch.nn.utils.clip_grad_norm_(params, self.config.train.max_grad_norm)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return float(norm)
 
     def _minibatches(self, n: int) -> list[torch.Tensor]:
+        """The random minibatches of an epoch's n samples: the same on every rank."""
         perm = torch.randperm(n, generator=self.generator)
         return list(perm.split(self.config.train.batch_size))
+
+    def _share(self, minibatch: torch.Tensor) -> tuple[slice, float]:
+        """This rank's positions in `minibatch`, and their fraction of it: a loss averaged over
+        the share, times the fraction, sums over the ranks to the minibatch's average."""
+        part = distributed.shard(len(minibatch), self.rank, self.world)
+        return part, (part.stop - part.start) / len(minibatch)
 
     def _policy_gradient(
         self,
@@ -206,8 +232,10 @@ class Learner:
             steps = torch.stack(
                 [torch.randperm(t_total, generator=self.generator) for _ in range(b)]
             )
-            for i, idx in enumerate(minibatches):
-                for k in range(n_steps):
+            for i, minibatch in enumerate(minibatches):
+                part, share = self._share(minibatch)
+                idx = minibatch[part]  # this rank's samples (all of them, alone)
+                for k in range(n_steps if len(idx) else 0):
                     step = steps[idx, k]  # [b] step index per sample
                     with self.policy.threads.step(("train", len(idx))):
                         log_prob, kl = self.policy.log_prob_and_kl(
@@ -236,7 +264,7 @@ class Learner:
                         if kl is not None:  # the KL to the base model, as a penalty
                             loss = loss + cfg.kl_coef * kl.mean()
                             info["kl_base"] = kl.detach().mean()
-                        (loss / (accumulate * n_steps)).backward()
+                        (loss * share / (accumulate * n_steps)).backward()
                     stats["loss"].append(loss.item())
                     with torch.no_grad():  # per-sample diagnostics, grouped by staleness
                         diff = log_prob.detach() - old
@@ -262,25 +290,45 @@ class Learner:
             weights = losses.rwr_weights(rewards, cfg.rwr_beta)
         else:
             weights = losses.sparse_rwr_weights(rewards, cfg.sparse_rwr_quantile)
-        unet, scheduler = self.policy.unet, self.policy.scheduler
+        scheduler = self.policy.scheduler
         x0 = traj.latents[:, -1]
         stats: dict[str, list[float]] = defaultdict(list)
         for _ in range(cfg.num_inner_epochs):
             minibatches = self._minibatches(len(traj))
-            for i, idx in enumerate(minibatches):
-                noise = torch.randn(x0[idx].shape, generator=self.generator)
+            for i, minibatch in enumerate(minibatches):
+                # Drawn for the whole minibatch on every rank, so the generators stay together.
+                noise = torch.randn(x0[minibatch].shape, generator=self.generator)
                 t = torch.randint(
-                    0, scheduler.config.num_train_timesteps, (len(idx),), generator=self.generator
+                    0,
+                    scheduler.config.num_train_timesteps,
+                    (len(minibatch),),
+                    generator=self.generator,
                 )
-                noisy = scheduler.add_noise(x0[idx], noise, t).to(self.policy.device, unet.dtype)
-                embeds = traj.prompt_embeds[idx].to(self.policy.device, unet.dtype)
-                with self.policy.threads.step(("rwr", len(idx))):
-                    predicted = unet(noisy, t.to(self.policy.device), embeds).sample.float()
-                    loss = losses.weighted_denoising_loss(
-                        predicted, noise.to(predicted.device), weights[idx].to(predicted.device)
-                    )
-                    (loss / cfg.gradient_accumulation_steps).backward()
-                stats["loss"].append(loss.item())
+                part, _ = self._share(minibatch)  # the loss sums over samples: no rescaling
+                idx, noise, t = minibatch[part], noise[part], t[part]
+                if len(idx):
+                    stats["loss"].append(self._rwr_step(x0[idx], noise, t, traj, idx, weights))
                 if (i + 1) % cfg.gradient_accumulation_steps == 0 or i + 1 == len(minibatches):
                     stats["grad_norm"].append(self._optimizer_step())
         return {key: float(np.mean(values)) for key, values in stats.items()}
+
+    def _rwr_step(
+        self,
+        x0: torch.Tensor,
+        noise: torch.Tensor,
+        t: torch.Tensor,
+        traj: Trajectory,
+        idx: torch.Tensor,
+        weights: torch.Tensor,
+    ) -> float:
+        """Accumulate one RWR minibatch's gradient (this rank's share); its loss."""
+        cfg, unet, scheduler = self.config.train, self.policy.unet, self.policy.scheduler
+        noisy = scheduler.add_noise(x0, noise, t).to(self.policy.device, unet.dtype)
+        embeds = traj.prompt_embeds[idx].to(self.policy.device, unet.dtype)
+        with self.policy.threads.step(("rwr", len(idx))):
+            predicted = unet(noisy, t.to(self.policy.device), embeds).sample.float()
+            loss = losses.weighted_denoising_loss(
+                predicted, noise.to(predicted.device), weights[idx].to(predicted.device)
+            )
+            (loss / cfg.gradient_accumulation_steps).backward()
+        return loss.item()

@@ -212,6 +212,7 @@ def resolved(config: Config) -> dict[str, Any]:
             // per_step
             * config.train.num_inner_epochs,
             "sampler_calls_per_sampler": split,
+            "samples_per_learner_minibatch": config.train.batch_size // config.system.num_learners,
         }
     }
 
@@ -259,6 +260,12 @@ def main(argv: list[str] | None = None) -> None:
             config = resumed(command)[0] if command.resume else fresh(command)
             print(json.dumps(resolved(config), indent=2, default=str))
             return
+        learners = command.config.system.num_learners
+        if command.in_process and learners > 1:
+            raise ValueError(
+                f"--in-process runs one learner, not num_learners={learners}: drop "
+                "--in-process (a learner group needs a process a rank)"
+            )
         config, ckpt = plan(command)
     except (ValueError, ModelLoadError) as err:
         fail(f"error: {err}", 2)

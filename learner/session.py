@@ -169,7 +169,8 @@ class Session:
         if problem:
             raise CheckpointError(f"checkpoint {ckpt.path}: {problem}")
         cuts = checked_log_cuts(self.run_dir, ckpt.state["driver"]["logs"])
-        version = self.fleet.ask_learner("load_state", ckpt.tensors, ckpt.state["learner"])
+        # Every rank of a learner group loads the same checkpoint (rank 0 wrote it).
+        version = self.fleet.tell_learners("load_state", ckpt.tensors, ckpt.state["learner"])
         self.restored = ckpt.state["driver"]
         self.tracker.load_state_dict(self.restored["tracker"])
         self.fleet.lost_batches = self.restored["lost_batches"]

@@ -37,6 +37,12 @@ class Wiring(Protocol):
 
     def kill(self, handle: Any) -> None: ...
 
+    def placement_group(self, bundles: list[dict[str, float]], strategy: str) -> tuple[Any, list]:
+        """Reserve `bundles` together: (the group, each bundle's `create` options)."""
+        ...
+
+    def remove_placement_group(self, group: Any) -> None: ...
+
 
 class InProcess:
     """Calls methods directly; results are plain values."""
@@ -66,6 +72,14 @@ class InProcess:
         pass  # created when `create` returned
 
     def kill(self, handle: Any) -> None:
+        pass
+
+    def placement_group(self, bundles: list[dict[str, float]], strategy: str) -> tuple[Any, list]:
+        raise ValueError(
+            f"{len(bundles)} learners need a process each: run on Ray, or use one learner"
+        )
+
+    def remove_placement_group(self, group: Any) -> None:
         pass
 
 
@@ -159,3 +173,22 @@ class OnRay:
     def kill(self, handle: Any) -> None:
         self.requests.pop(handle, None)
         self.ray.kill(handle)
+
+    def placement_group(self, bundles: list[dict[str, float]], strategy: str) -> tuple[Any, list]:
+        """A Ray placement group of `bundles` with `strategy` (PACK, STRICT_SPREAD, ...), and
+        for each bundle the options that put an actor in it. Role resources that a Ray instance
+        of this process lacks are left out, as `create` leaves them out of the actor's request."""
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        if not self.joined:
+            available = self.ray.cluster_resources()
+            bundles = [{k: v for k, v in b.items() if k in available} for b in bundles]
+        group = self.ray.util.placement_group(bundles, strategy=strategy)
+        options = [
+            {"scheduling_strategy": PlacementGroupSchedulingStrategy(group, i)}
+            for i in range(len(bundles))
+        ]
+        return group, options
+
+    def remove_placement_group(self, group: Any) -> None:
+        self.ray.util.remove_placement_group(group)

@@ -172,6 +172,12 @@ def test_print_config_shows_the_global_sizes_and_starts_nothing(tmp_path, capsys
     main(["--task", "compressibility", "--model", model, "--num-samplers", "3", "--print-config"])
     uneven = json.loads(capsys.readouterr().out)["derived"]["sampler_calls_per_sampler"]
     assert uneven == [11, 11, 10]
+    main(["--task", "compressibility", "--model", model, "--num-learners", "4", "--print-config"])
+    shown = json.loads(capsys.readouterr().out)
+    assert (
+        shown["system"]["num_learners"] == 4
+        and shown["derived"]["samples_per_learner_minibatch"] == 1
+    )
     assert list(tmp_path.iterdir()) == []
 
 
@@ -204,7 +210,7 @@ def test_a_config_json_of_the_flat_layout_is_read():
     config = task_config("compressibility", "tiny")
     flat = dataclasses.asdict(config)
     run, system = flat.pop("run"), flat.pop("system")
-    system.pop("num_learners")  # came later
+    system.pop("num_learners"), system.pop("learner_placement")  # came later
     flat |= {"run_dir": run.pop("dir")} | run | system
     assert Config.from_dict(flat) == config
     with pytest.raises(ValueError, match=r"fields this version does not know: \['nope'\]"):
@@ -237,3 +243,12 @@ def test_presets_derive_with_one_tiny_scaler():
         small = task_config(task, "tiny")
         assert small.model == "tiny" and small.sample.num_steps == 10 and small.run.epochs == 30
         assert small.reward == preset().reward
+
+
+def test_learner_counts_that_do_not_divide_the_minibatch_stop_in_one_line(cli_error, tmp_path):
+    line = cli_error(["--num-learners", "3"])
+    assert "num_learners=3" in line and "use a number of learners that divides it" in line
+    line = cli_error(["--num-learners", "0"])
+    assert "num_learners=0 must be at least 1" in line
+    line = cli_error(["--num-learners", "2", "--in-process", "--run-dir", str(tmp_path / "r")])
+    assert "drop --in-process" in line and not (tmp_path / "r").exists()

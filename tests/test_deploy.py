@@ -145,6 +145,11 @@ class RecordingWiring:
 
     def __init__(self):
         self.actors: list[tuple[str, dict]] = []
+        self.placement_groups: list[tuple[list[dict], str]] = []  # (bundles, strategy)
+
+    def placement_group(self, bundles, strategy):
+        self.placement_groups.append((bundles, strategy))
+        return len(self.placement_groups), [{} for _ in bundles]
 
     def create(self, cls, *args, options=None):
         self.actors.append((cls.__name__, dict(options or {"num_cpus": 1})))  # OnRay's default
@@ -162,6 +167,11 @@ class RecordingWiring:
 
 def actors_of(config, tmp_path) -> list[tuple[str, dict]]:
     """The actors (class name, Ray options) that learner.run's driver creates for `config`."""
+    return recorded(config, tmp_path).actors
+
+
+def recorded(config, tmp_path) -> RecordingWiring:
+    """What learner.run's driver asks of Ray for `config`: its actors and placement groups."""
     from ddpo.config import override
     from learner.driver import train
 
@@ -169,7 +179,7 @@ def actors_of(config, tmp_path) -> list[tuple[str, dict]]:
     with pytest.raises(_Stop):  # never bind a port here
         train(override(config, {"run.dir": tmp_path, "run.metrics_port": None}), wiring)
     assert wiring.actors, "the driver created no actors"
-    return wiring.actors
+    return wiring
 
 
 def all_task_actors(tmp_path) -> list[tuple[str, dict]]:
@@ -241,6 +251,65 @@ def test_actors_ask_for_their_role_resource_and_a_gpu(cluster_yaml, tmp_path):
     )
 
 
+def group_homes(bundles: list[dict], strategy: str, nodes: dict[str, dict]) -> list[str]:
+    """The node types (name -> resources, with `max_workers`) that can host a placement group
+    of `bundles`: all on one node (PACK, STRICT_PACK) or one a node (SPREAD, STRICT_SPREAD)."""
+    homes = []
+    for name, node in nodes.items():
+        offer, count = node["resources"], node["max_workers"]
+        if strategy in ("PACK", "STRICT_PACK"):
+            need: dict[str, float] = {}
+            for bundle in bundles:
+                for k, v in bundle.items():
+                    need[k] = need.get(k, 0) + v
+            if count >= 1 and all(offer.get(k, 0) >= v for k, v in need.items()):
+                homes.append(name)
+        elif count >= len(bundles) and all(
+            all(offer.get(k, 0) >= v for k, v in b.items()) for b in bundles
+        ):
+            homes.append(name)
+    return homes
+
+
+@pytest.mark.parametrize(
+    "strategy, home", [("STRICT_PACK", "learner_gpu_x4"), ("STRICT_SPREAD", "learner_gpu")]
+)
+def test_a_learner_group_of_4_fits_a_learner_node_type(
+    cluster_yaml, raycluster, tmp_path, strategy, home
+):
+    """Issue 15: --num-learners 4 reserves 4 bundles of one GPU and the `learner` resource in a
+    placement group: one 4-GPU node holds them packed, four 1-GPU nodes spread, in cluster.yaml
+    and in the KubeRay worker groups alike."""
+    from ddpo.config import override
+    from ddpo.presets import task_config
+
+    config = task_config("compressibility", "CompVis/stable-diffusion-v1-4")
+    config = override(
+        config,
+        {"system": {"device": "cuda", "num_learners": 4, "learner_placement": strategy}},
+    )
+    wiring = recorded(config, tmp_path)
+    ((bundles, used),) = wiring.placement_groups
+    assert used == strategy and len(bundles) == 4
+    assert all(b["GPU"] == 1 and b["learner"] > 0 for b in bundles), bundles
+    ranks = [o for cls, o in wiring.actors if cls == "Learner"]
+    assert len(ranks) == 4
+    for options in ranks:  # each rank asks for exactly its bundle
+        asked = {"CPU": options["num_cpus"], "GPU": options["num_gpus"]} | options["resources"]
+        assert {k: v for k, v in asked.items() if v} == bundles[0]
+    nodes = {
+        name: {"resources": t["resources"], "max_workers": t.get("max_workers", 0)}
+        for name, t in cluster_yaml["available_node_types"].items()
+    }
+    assert home in group_homes(bundles, strategy, nodes)
+    pods = {
+        g["groupName"]: {"resources": kuberay_groups(raycluster["spec"])[g["groupName"]],
+                         "max_workers": g["maxReplicas"]}
+        for g in raycluster["spec"]["workerGroupSpecs"]
+    }  # fmt: skip
+    assert home.replace("_", "-") in group_homes(bundles, strategy, pods)
+
+
 # ----- KubeRay -----
 def test_raycluster_matches_cluster_yaml(raycluster, cluster_yaml):
     import ray
@@ -300,10 +369,19 @@ def test_rayjob_runs_the_alignment_task_with_flags_learner_run_has(rayjob, raycl
     assert ports["metrics"] == 8080
 
     groups = kuberay_groups(raycluster["spec"])
-    for cls, options in actors_of(config, tmp_path):
+    wiring = recorded(config, tmp_path)
+    for cls, options in wiring.actors:
         assert any(fits(options, offer) for offer in groups.values()), (
             f"{cls} asks for {options}: no worker group of raycluster.yaml can host it"
         )
+    # Its learner group: one placement group of one GPU a rank, which the learner groups hold.
+    assert config.system.num_learners > 1
+    ((bundles, strategy),) = wiring.placement_groups
+    pods = {
+        g["groupName"]: {"resources": groups[g["groupName"]], "max_workers": g["maxReplicas"]}
+        for g in raycluster["spec"]["workerGroupSpecs"]
+    }
+    assert group_homes(bundles, strategy, pods), f"no worker group holds the learners {bundles}"
 
 
 # ----- image, monitoring -----
