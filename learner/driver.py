@@ -21,9 +21,9 @@ from ddpo.config import Config
 from learner import checkpoint
 from learner.async_driver import AsyncDriver
 from learner.checkpoint import Checkpoint
-from learner.errors import LearnerLost
+from learner.errors import BatchesLost, LearnerLost
 from learner.evaluator import grid_schedule
-from learner.fleet import RESTARTS, BatchesLost
+from learner.fleet import RESTARTS
 from learner.runlog import SAMPLES, checked_log_cuts
 from learner.scoring import Scored, epoch_schedule, score_batch, update_record
 from learner.session import MAX_AUTO_RESUMES, Session

@@ -16,6 +16,15 @@ class LearnerLost(RuntimeError):
         )
 
 
+class BatchesLost(Exception):
+    """Trajectories of an epoch were lost with a node before the learner read them (the epoch
+    is sampled again)."""
+
+    def __init__(self, batches: int):
+        super().__init__(f"{batches} batches")
+        self.batches = batches
+
+
 class RewardBroken(RuntimeError):
     """Too many batches in a row had non-finite or failed rewards."""
 

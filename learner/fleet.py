@@ -22,6 +22,7 @@ from actors.reward import RewardWorker
 from actors.sampler import Sampler
 from ddpo.config import Config, PoolSize
 from ddpo.threads import role_threads
+from learner.errors import BatchesLost
 from learner.group import GroupCall, LearnerGroup, merged_metrics
 from learner.learner import Learner
 from learner.reward_pool import RewardPool
@@ -100,14 +101,6 @@ def local_role_resources(spec: str) -> dict[str, float]:
     return {f"reward_{name}": 1.0 for _, name in parse_reward_spec(spec)}
 
 
-class BatchesLost(Exception):
-    """Trajectories of an epoch were lost with a node before the learner read them."""
-
-    def __init__(self, batches: int):
-        super().__init__(f"{batches} batches")
-        self.batches = batches
-
-
 class Fleet:
     """Samplers, the learner and one reward pool per reward (and the guard's), on `wiring`."""
 
@@ -151,9 +144,7 @@ class Fleet:
             for i in range(config.system.num_samplers)
         ]
 
-        urls = parse_reward_urls(
-            config.system.reward_urls, config.reward
-        )  # served outside the cluster
+        urls = parse_reward_urls(config.system.reward_urls, config.reward)  # served outside
 
         def pool(name: str) -> RewardPool:
             w, placement = self.wiring, reward_actor_options(name, gpu=gpu)
