@@ -1,4 +1,10 @@
-"""End to end through Ray: the demo preset learns, judged against both controls.
+"""End to end, the demo preset learns, judged against both controls.
+
+The runs go through the driver's own code path (`Driver`, the samplers, reward workers and
+learner) in one process (`InProcess` wiring), as bench/learning.py measures them: the same
+computation as through Ray, without its per-call overhead (the suite's time budget). Runs through
+Ray are tested in test_tasks_e2e.py (every task), test_job_submission.py (the demo as a Ray job)
+and test_faults.py.
 
 The measure is the run's evaluation (eval.jsonl): the reward of the same 48 samples (6 prompts
 x 8 fixed seeds, the same noise) under the starting and the final weights, compared sample by
@@ -20,6 +26,7 @@ from ddpo.presets import task_config
 from learner.driver import Driver
 from learner.evaluation import paired_gain, read_evals
 from learner.shuffled import ShuffledDriver
+from learner.wiring import InProcess
 
 EPOCHS = 30  # the preset's
 # Measured on this preset (BENCHMARKS.md, "Learning", one process): after 30 epochs the paired
@@ -42,12 +49,12 @@ def run(run_dir, epochs, learning_rate=None, shuffled=False):
     config = dataclasses.replace(config, heldout_prompts=())
     if shuffled or learning_rate == 0:
         config = override(config, {"run.eval_every": 0})
-    history = (ShuffledDriver if shuffled else Driver)(config).run()
+    history = (ShuffledDriver if shuffled else Driver)(config, InProcess()).run()
     return history, read_evals(run_dir)
 
 
 @pytest.mark.slow
-def test_demo_preset_learns_against_shuffled_and_lr0_controls(ray_instance, tmp_path):
+def test_demo_preset_learns_against_shuffled_and_lr0_controls(tmp_path):
     history, evals = run(tmp_path / "trained", EPOCHS)
     lines = [json.loads(s) for s in (tmp_path / "trained/metrics.jsonl").read_text().splitlines()]
     keys = {"epoch", "policy_version", "reward_mean", "reward_std", "loss", "approx_kl"}
