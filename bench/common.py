@@ -53,6 +53,19 @@ def machine() -> dict[str, Any]:
     return facts
 
 
+def require_cuda(device: str, script: str, on_cpu: str) -> None:
+    """Exit with one line when `device` is cuda and torch sees no GPU, naming the CPU check."""
+    import sys
+
+    import torch
+
+    if device == "cuda" and not torch.cuda.is_available():
+        sys.exit(
+            f"error: {script} needs a CUDA device, and torch {torch.__version__} sees none (a CPU "
+            f"build, or no driver). To check the code path on CPU instead: {on_cpu}"
+        )
+
+
 def describe(facts: dict[str, Any]) -> str:
     """One line for the top of a table."""
     gpu = f", {facts['gpu']}" if facts.get("gpu") else ", no GPU"

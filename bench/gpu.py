@@ -17,7 +17,6 @@ Prints a table and writes bench/results/gpu.json (gpu_tiny.json with --tiny).
 from __future__ import annotations
 
 import dataclasses
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -28,7 +27,7 @@ import numpy as np
 import torch
 import tyro
 from broadcast import sd14_unet
-from common import describe, machine, markdown_table, write_json
+from common import describe, machine, markdown_table, require_cuda, write_json
 from torch.utils.flop_counter import FlopCounterMode
 
 from ddpo.config import Config, SampleConfig, SystemConfig, TrainConfig
@@ -145,12 +144,7 @@ def peak_tflops(device: str, dtype: torch.dtype) -> float:
 
 def main(args: Args) -> None:
     device = args.device
-    if device == "cuda" and not torch.cuda.is_available():
-        sys.exit(
-            f"error: bench/gpu.py needs a CUDA device, and torch {torch.__version__} sees none "
-            "(a CPU build, or no driver). To check the code path on CPU instead: "
-            "python bench/gpu.py --tiny --device cpu"
-        )
+    require_cuda(device, "bench/gpu.py", "python bench/gpu.py --tiny --device cpu")
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.dtype, torch.float32)
     torch.backends.cuda.matmul.allow_tf32 = args.dtype == "tf32"
     dtype = dtype if device == "cuda" else torch.float32

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,7 +28,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 import tyro
-from common import describe, machine, markdown_table, write_json
+from common import describe, machine, markdown_table, require_cuda, write_json
 from gpu import sd14_pipeline
 
 from ddpo.policy import Policy, load_pipeline
@@ -99,12 +98,9 @@ def summarise(ratios: np.ndarray, clip_range: float) -> dict:
 
 def main(args: Args) -> None:
     device = args.device
-    if device == "cuda" and not torch.cuda.is_available():
-        sys.exit(
-            f"error: bench/precision.py needs a CUDA device, and torch {torch.__version__} sees "
-            "none. To check the code path on CPU instead: python bench/precision.py --tiny "
-            "--device cpu --dtypes fp32"
-        )
+    require_cuda(
+        device, "bench/precision.py", "python bench/precision.py --tiny --device cpu --dtypes fp32"
+    )
     facts = machine()
     base: Any = load_pipeline("tiny") if args.tiny else sd14_pipeline("cpu", torch.float32)
     results = {}
