@@ -95,6 +95,10 @@ class TrainConfig:
     """For A < 0 the IS loss is capped at dual_clip * |A| (dual-clip PPO); 0 turns it off. On
     policy ratios stay near 1 and it never acts; it keeps stale async batches whose ratio
     exploded from taking over an update."""
+    decoupled: bool = False
+    """Decoupled PPO for stale (async) samples: clip around the learner's weights at the start
+    of the update rather than the sampler's, and weight by the ratio of the two (Hilton et al.
+    2021). Costs one forward pass per stale step trained; fresh samples train as without it."""
     timestep_fraction: float = 1.0
     """Fraction of each trajectory's (shuffled) steps trained on."""
     lora_rank: int = 4

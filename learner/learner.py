@@ -223,14 +223,25 @@ class Learner:
         inner_epochs = cfg.num_inner_epochs if importance_sampling else 1
         stats: dict[str, list[float]] = defaultdict(list)
         by_staleness: dict[str, list[float]] = defaultdict(list)  # "<k>/clipfrac" -> values
+        # Each inner epoch's minibatches, and each sample's own random subset of steps
+        # (timestep_fraction), drawn before any training so the proximal log-probs can be.
+        plan = []
         for _ in range(inner_epochs):
             minibatches = self._minibatches(b)
-            accumulate = (
-                cfg.gradient_accumulation_steps if importance_sampling else len(minibatches)
-            )
-            # Each sample trains on its own random subset of steps (timestep_fraction).
             steps = torch.stack(
                 [torch.randperm(t_total, generator=self.generator) for _ in range(b)]
+            )
+            plan.append((minibatches, steps))
+        anchor = traj.log_probs  # what the ratio is clipped around
+        if importance_sampling and cfg.decoupled:
+            mine = torch.cat(
+                [mb[self._share(mb)[0]] for minibatches, _ in plan for mb in minibatches]
+            )
+            stale = mine[staleness[mine] > 0].unique()
+            anchor = self._proximal_log_probs(traj, stale)
+        for minibatches, steps in plan:
+            accumulate = (
+                cfg.gradient_accumulation_steps if importance_sampling else len(minibatches)
             )
             for i, minibatch in enumerate(minibatches):
                 part, share = self._share(minibatch)
@@ -246,9 +257,10 @@ class Learner:
                             kl_to_base=cfg.kl_coef > 0,
                         )
                         # The batch stays on the CPU; the loss is computed on the model's device.
-                        old = traj.log_probs[idx, step].to(log_prob.device)
+                        old = anchor[idx, step].to(log_prob.device)
                         adv_idx = adv[idx].to(log_prob.device)
                         if importance_sampling:
+                            behaviour = traj.log_probs[idx, step].to(log_prob.device)
                             loss, info = losses.ddpo_is_loss(
                                 log_prob,
                                 old,
@@ -256,6 +268,7 @@ class Learner:
                                 cfg.clip_range,
                                 cfg.adv_clip_max,
                                 cfg.dual_clip,
+                                behaviour_log_prob=behaviour if cfg.decoupled else None,
                             )
                         else:
                             loss = losses.ddpo_sf_loss(log_prob, adv_idx, cfg.adv_clip_max)
@@ -280,6 +293,22 @@ class Learner:
         metrics |= self.policy.threads.share()
         metrics |= {f"staleness/{k}": float(np.mean(v)) for k, v in by_staleness.items()}
         return metrics
+
+    @torch.no_grad()
+    def _proximal_log_probs(self, traj: Trajectory, rows: torch.Tensor) -> torch.Tensor:
+        """The epoch's log-probs [B, T], with those of `rows` recomputed under the weights the
+        update starts from (decoupled PPO's proximal policy)."""
+        anchor = traj.log_probs.clone()
+        for chunk in rows.split(self.config.train.batch_size) if len(rows) else ():
+            for t in range(anchor.shape[1]):
+                with self.policy.threads.step(("proximal", len(chunk))):
+                    anchor[chunk, t] = self.policy.log_prob(
+                        traj.prompt_embeds[chunk],
+                        traj.latents[chunk, t],
+                        traj.timesteps[t],
+                        traj.latents[chunk, t + 1],
+                    ).cpu()
+        return anchor
 
     def _reward_weighted_regression(
         self, traj: Trajectory, rewards: torch.Tensor

@@ -8,6 +8,11 @@ from __future__ import annotations
 
 import torch
 
+IS_WEIGHT_MAX = 2.0
+"""Decoupled PPO's weight pi_prox / pi_behaviour is truncated here, as V-trace truncates its
+importance weights: a sample whose policy has moved that far carries no more than twice its
+weight. With the tiny presets' lag of one version the weights stay within a few percent of 1."""
+
 
 def ddpo_is_loss(
     log_prob: torch.Tensor,
@@ -16,6 +21,7 @@ def ddpo_is_loss(
     clip_range: float,
     adv_clip_max: float,
     dual_clip: float = 0.0,
+    behaviour_log_prob: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Clipped importance-sampling loss over a batch of transitions [B].
 
@@ -23,7 +29,16 @@ def ddpo_is_loss(
     with dual_clip = c > 1, a term with A < 0 is also capped at -c A (dual-clip PPO, Ye et al.
     2020): the pessimistic max lets -A r grow with r without bound, so off-policy samples whose
     ratio exploded (async, stale batches) would otherwise dominate the update.
-    Returns the loss and detached diagnostics (approx_kl, clipfrac, dualclipfrac).
+
+    Decoupled PPO (Hilton et al. 2021): given the log-prob under the policy that sampled the
+    transition (`behaviour_log_prob`), `old_log_prob` is the proximal policy's (the learner's
+    weights when the update began), the clip is taken around it, and each term is weighted by
+    pi_prox / pi_behaviour, truncated at IS_WEIGHT_MAX (a constant, no gradient). A stale sample
+    then has its full clip range to move in, where plain PPO spends it on the versions the
+    policy already moved since sampling. On fresh samples the two log-probs are equal and the
+    loss is plain PPO's.
+    Returns the loss and detached diagnostics (approx_kl, clipfrac, dualclipfrac; with a
+    behaviour log-prob also is_weight and is_weight_max, before truncation).
     """
     advantages = advantages.clamp(-adv_clip_max, adv_clip_max)
     ratio = torch.exp(log_prob - old_log_prob)
@@ -34,9 +49,14 @@ def ddpo_is_loss(
         (advantages < 0) & (ratio > dual_clip) if dual_clip > 1 else torch.zeros_like(ratio) > 0
     )
     per_sample = torch.where(capped, -dual_clip * advantages, per_sample)
+    info = {}
+    if behaviour_log_prob is not None:
+        weight = torch.exp(old_log_prob - behaviour_log_prob).detach()
+        per_sample = per_sample * weight.clamp(max=IS_WEIGHT_MAX)
+        info = {"is_weight": weight.mean(), "is_weight_max": weight.max()}
     loss = per_sample.mean()
     with torch.no_grad():
-        info = {
+        info |= {
             "approx_kl": 0.5 * ((log_prob - old_log_prob) ** 2).mean(),
             "clipfrac": ((ratio - 1.0).abs() > clip_range).float().mean(),
             "dualclipfrac": capped.float().mean(),

@@ -132,6 +132,37 @@ def test_cosine_schedule_follows_torch(tiny_pipe):
     assert learner.learning_rate() == pytest.approx(0.0, abs=1e-12)
 
 
+@pytest.mark.parametrize("decoupled", [False, True])
+def test_decoupled_ppo_clips_a_stale_batch_around_the_current_weights(tiny_pipe, decoupled):
+    """A batch one version stale, trained in one minibatch: decoupled PPO recomputes its
+    log-probs under the current weights first, so no ratio starts clipped; plain PPO clips
+    around the sampler's log-probs, which the previous update already moved past the clip."""
+    config = small_config(learning_rate=3e-2, clip_range=1e-3, decoupled=decoupled)
+    learner = make_learner(tiny_pipe, config)
+    prompts = list(config.prompts[:4])
+    fresh = learner.policy.sample(prompts, [0, 1, 2, 3], batch_id="0-0")
+    stale = learner.policy.sample(prompts, [4, 5, 6, 7], batch_id="0-1")
+    first = learner.update(np.array([1, -1, 1, -1.0]), np.zeros(4), fresh)
+    metrics = learner.update(np.array([1, -1, 1, -1.0]), np.zeros(4), stale)
+    assert metrics["staleness_max"] == 1
+    if decoupled:
+        assert metrics["staleness/1/clipfrac"] == 0.0 and metrics["is_weight"] != 1.0
+        assert first["is_weight"] == 1.0  # fresh samples: plain PPO
+    else:
+        assert metrics["staleness/1/clipfrac"] > 0.5 and "is_weight" not in metrics
+
+
+def test_decoupled_ppo_trains_fresh_batches_bit_for_bit_as_plain(tiny_pipe):
+    weights = []
+    for decoupled in (False, True):
+        learner = make_learner(tiny_pipe, small_config(learning_rate=3e-2, decoupled=decoupled))
+        prompts = list(learner.config.prompts[:4])
+        batch = learner.policy.sample(prompts, [0, 1, 2, 3], batch_id="0-0")
+        learner.update(np.array([1, -1, 1, -1.0]), np.zeros(4), batch)
+        weights.append(learner.weights()[1])
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+
+
 def test_kl_penalty_pulls_the_policy_back_to_the_base_model(tiny_pipe):
     """With zero advantages the only gradient is kl_coef * KL to the base: one update lowers it."""
     config = small_config(learning_rate=3e-3, kl_coef=1.0)

@@ -61,6 +61,40 @@ def test_dual_clip_caps_exploded_ratios_of_negative_advantages():
     assert info["dualclipfrac"].item() == 0.0
 
 
+def test_decoupled_loss_clips_around_the_proximal_policy_and_weights_by_it():
+    """Hilton et al. 2021 by hand: the clip is around pi_prox, each term is scaled by
+    pi_prox / pi_behaviour (no gradient), truncated at IS_WEIGHT_MAX."""
+    behaviour = torch.tensor([0.0, 0.0, 0.0])
+    prox = torch.tensor([0.02, -0.05, 1.0])  # weights e^0.02, e^-0.05 and e^1 = 2.7 -> 2
+    new = torch.tensor([0.02, -0.0495, 1.2], requires_grad=True)
+    adv = torch.tensor([1.0, -1.0, 1.0])
+    loss, info = losses.ddpo_is_loss(
+        new, prox, adv, clip_range=0.01, adv_clip_max=5.0, behaviour_log_prob=behaviour
+    )
+    loss.backward()
+    r = torch.exp(new.detach() - prox)  # 1, e^0.0005 (inside the clip), e^0.2 (clipped)
+    w = torch.exp(prox).clamp(max=losses.IS_WEIGHT_MAX)
+    expected = torch.stack([-w[0] * r[0], w[1] * r[1], -w[2] * 1.01]).mean()
+    assert loss.item() == pytest.approx(expected.item())
+    expected_grad = [(-w[0] * r[0] / 3).item(), (w[1] * r[1] / 3).item(), 0.0]
+    assert new.grad.tolist() == pytest.approx(expected_grad)
+    assert info["clipfrac"].item() == pytest.approx(1 / 3)
+    assert info["is_weight_max"].item() == pytest.approx(math.e)
+    # Plain PPO on the same samples clips the first two as well: their ratio to the behaviour
+    # policy is already past 1 +- 0.01.
+    _, plain = losses.ddpo_is_loss(new, behaviour, adv, clip_range=0.01, adv_clip_max=5.0)
+    assert plain["clipfrac"].item() == 1.0
+
+
+def test_decoupled_loss_equals_plain_on_fresh_samples():
+    old = torch.tensor([-1.3, -0.7, -2.0])
+    new = old + torch.tensor([1e-3, -2e-3, 5e-5])
+    adv = torch.tensor([2.0, -1.0, 0.5])
+    plain, _ = losses.ddpo_is_loss(new, old, adv, 1e-3, 5.0, dual_clip=3.0)
+    decoupled, info = losses.ddpo_is_loss(new, old, adv, 1e-3, 5.0, 3.0, behaviour_log_prob=old)
+    assert torch.equal(plain, decoupled) and info["is_weight"].item() == 1.0
+
+
 def test_is_loss_clips_advantages():
     zeros = torch.zeros(2)
     loss, _ = losses.ddpo_is_loss(zeros, zeros, torch.tensor([10.0, -20.0]), 1e-4, adv_clip_max=5.0)

@@ -35,7 +35,7 @@ def test_killed_sampler_restarts_with_newest_weights(ray_instance, small_config,
     # Sampling takes about as long as training here, so the kill lands inside a sampler call.
     config = small_config(
         system={"mode": mode},
-        run={"epochs": 5},
+        run={"epochs": 4},
         sample=SampleConfig(num_steps=20, batch_size=8, num_batches_per_epoch=2),
     )
     driver = Driver(config)
