@@ -102,11 +102,18 @@ class BertScore:
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         if len(candidates) != len(references):
             raise ValueError(f"{len(candidates)} candidates but {len(references)} references")
-        if not candidates:
-            empty = np.zeros(0, np.float32)
-            return empty, empty, empty
-        p, r, f = self.scorer.score(candidates, references, batch_size=self.batch_size)
-        p, r, f = (x.float().numpy().astype(np.float32) for x in (p, r, f))
+        # A blank answer scores 0, as bert-score scores one that has no tokens. bert-score itself
+        # would crash on it: it encodes "" with a tokenizer method that transformers 5 removed.
+        scored = [i for i, c in enumerate(candidates) if c.strip()]
+        p, r, f = (np.zeros(len(candidates), np.float32) for _ in range(3))
+        if scored:
+            outs = self.scorer.score(
+                [candidates[i] for i in scored],
+                [references[i] for i in scored],
+                batch_size=self.batch_size,
+            )
+            for full, out in zip((p, r, f), outs, strict=True):
+                full[scored] = out.float().numpy()
         return p, r, f
 
 

@@ -87,6 +87,19 @@ def test_bertscore_matches_a_hand_computation(bertscore):
         )
 
 
+def test_bertscore_scores_a_blank_answer_zero_and_the_others_as_alone(bertscore):
+    """A LLaVA answer can be empty or only whitespace; bert-score crashed on it (found by the
+    alignment study), taking the whole run down. Blank answers score 0 and the rest are
+    unchanged."""
+    ref = "The image contains a dog playing chess"
+    p, r, f = bertscore(["", "   ", "a dog playing chess in a park", "\n"], [ref] * 4)
+    alone = bertscore(["a dog playing chess in a park"], [ref])
+    assert p.shape == (4,) and p.dtype == np.float32
+    for full, single in zip((p, r, f), alone, strict=True):
+        assert full[[0, 1, 3]].tolist() == [0.0, 0.0, 0.0]
+        np.testing.assert_allclose(full[2], single[0], atol=1e-6)
+
+
 def test_jpeg_roundtrip_is_quality_80():
     image = images(1, seed=1)
     buffer = io.BytesIO()
