@@ -1,8 +1,9 @@
 """End to end, the demo preset learns, judged against both controls.
 
 The runs go through the driver's own code path (`Driver`, the samplers, reward workers and
-learner) in one process (`InProcess` wiring), as bench/learning.py measures them: the same
-computation as through Ray, without its per-call overhead (the suite's time budget). Runs through
+learner) with the `InProcess` wiring, as bench/learning.py measures them: the same computation
+as through Ray, without its per-call overhead (the suite's time budget). The shuffled control
+runs in a second process, at the same time as the run. Runs through
 Ray are tested in test_tasks_e2e.py (every task), test_job_submission.py (the demo as a Ray job)
 and test_faults.py.
 
