@@ -43,10 +43,6 @@ class Args:
     out: Path = Path("bench/results/room.json")
 
 
-def to_uint8(x: torch.Tensor) -> np.ndarray:
-    return ((x.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
-
-
 def total_variation(x: torch.Tensor) -> torch.Tensor:
     """Mean absolute difference between neighbouring pixels, per image [N]."""
     dy = (x[:, :, 1:] - x[:, :, :-1]).abs().mean(dim=(1, 2, 3))
@@ -64,12 +60,23 @@ def stats(kb: np.ndarray) -> dict[str, float]:
 
 def main(args: Args) -> None:
     torch.set_num_threads(args.threads)
-    pipe = load_pipeline("tiny")
-    vae = pipe.vae
+    config = task_config("compressibility", "tiny")
+    s = config.sample
+    policy = Policy(load_pipeline("tiny"), s.num_steps, s.guidance_scale, s.eta)
+    vae = policy.pipe.vae
+
+    def encode(images: np.ndarray) -> torch.Tensor:
+        """The VAE's latents of `images`, unscaled (what its decoder takes)."""
+        with torch.no_grad():
+            return vae.encode(to_tensor(images)).latent_dist.mode()
+
+    def decode(latents: torch.Tensor) -> np.ndarray:
+        """uint8 images from unscaled latents, through the policy's own decode."""
+        with torch.no_grad():
+            return policy.decode(latents.detach() * vae.config.scaling_factor)
 
     def round_trip(images: np.ndarray) -> np.ndarray:
-        with torch.no_grad():
-            return to_uint8(vae.decode(vae.encode(to_tensor(images)).latent_dist.mode()).sample)
+        return decode(encode(images))
 
     rng = np.random.default_rng(0)
     rows, result = [], {"machine": machine(), "args": vars(args) | {"out": str(args.out)}}
@@ -97,9 +104,7 @@ def main(args: Args) -> None:
             for i in range(args.images)
         ]
     )
-    with torch.no_grad():
-        z = vae.encode(to_tensor(plain)).latent_dist.mode()
-    z = z.clone().requires_grad_(True)
+    z = encode(plain).requires_grad_(True)
     opt = torch.optim.Adam([z], lr=0.05)
     start = time.time()
     for _ in range(args.steps):
@@ -107,16 +112,12 @@ def main(args: Args) -> None:
         opt.zero_grad()
         loss.backward()
         opt.step()
-    with torch.no_grad():
-        smooth = jpeg_size_kb(to_uint8(vae.decode(z).sample))
+    smooth = jpeg_size_kb(decode(z))
     result["decoder_smoothest"] = stats(smooth) | {"seconds": round(time.time() - start, 1)}
     rows.append(
         ["decoder, latent optimised for smoothness", None, result["decoder_smoothest"]["mean"]]
     )
 
-    config = task_config("compressibility", "tiny")
-    s = config.sample
-    policy = Policy(pipe, s.num_steps, s.guidance_scale, s.eta, config.train.lora_rank)
     result["samples"] = {}
     for prompt in config.prompts:
         kb = jpeg_size_kb(policy.sample([prompt] * args.samples, np.arange(args.samples)).images)
