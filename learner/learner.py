@@ -260,7 +260,11 @@ class Learner:
                         old = anchor[idx, step].to(log_prob.device)
                         adv_idx = adv[idx].to(log_prob.device)
                         if importance_sampling:
-                            behaviour = traj.log_probs[idx, step].to(log_prob.device)
+                            behaviour = (
+                                traj.log_probs[idx, step].to(log_prob.device)
+                                if cfg.decoupled
+                                else None
+                            )
                             loss, info = losses.ddpo_is_loss(
                                 log_prob,
                                 old,
@@ -268,7 +272,7 @@ class Learner:
                                 cfg.clip_range,
                                 cfg.adv_clip_max,
                                 cfg.dual_clip,
-                                behaviour_log_prob=behaviour if cfg.decoupled else None,
+                                behaviour_log_prob=behaviour,
                             )
                         else:
                             loss = losses.ddpo_sf_loss(log_prob, adv_idx, cfg.adv_clip_max)
