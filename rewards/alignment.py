@@ -13,7 +13,6 @@ the answer are kept in info.
 from __future__ import annotations
 
 import io
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +27,8 @@ DEFAULT_BERTSCORE = "microsoft/deberta-xlarge-mnli"  # LLaVA-server's and BERTSc
 QUESTION = "Answer concisely: what is going on in this image?"
 REFERENCE = "The image contains {prompt}"
 JPEG_QUALITY = 80
+TINY_LLAVA = Path(__file__).parent / "tiny_llava"
+"""The tiny LLaVA trained by `rewards.captioner` to caption the tiny world (`llava_model="tiny"`)."""
 LLAVA15_PROMPT = "USER: <image>\n{question} ASSISTANT:"
 """LLaVA-1.5's single-turn format; used when the processor has no chat template."""
 
@@ -131,7 +132,7 @@ class LlavaAnswerer:
         from transformers import AutoImageProcessor, AutoProcessor, LlavaForConditionalGeneration
 
         if model == "tiny":
-            model = str(build_tiny_llava(tempfile.mkdtemp(prefix="ddpo-tiny-llava-")))
+            model = str(TINY_LLAVA)
         if batch_size < 1 or max_new_tokens < 1:
             raise ValueError(
                 f"batch_size={batch_size}, max_new_tokens={max_new_tokens} must be >= 1"
@@ -185,7 +186,8 @@ class LlavaAnswerer:
 class AlignmentScorer:
     """`(images, prompts) -> (BERTScore recall float32 [N], {answer, precision, recall, f1})`.
 
-    llava_model: a LLaVA checkpoint directory or hub id ("tiny": a seeded tiny LLaVA built now);
+    llava_model: a LLaVA checkpoint directory or hub id ("tiny": the shipped tiny captioner of
+        the tiny world, `rewards.captioner`);
     bertscore_model: the BERTScore encoder ("tiny": the packaged all-MiniLM-L6-v2).
     """
 
@@ -212,9 +214,13 @@ class AlignmentScorer:
         return recall, info
 
 
-def build_tiny_llava(out_dir: str | Path, seed: int = 0) -> Path:
-    """A seeded tiny LLaVA (CLIP vision tower, 32x32 images, 2-layer Llama) and a processor with
-    a byte-level BPE tokenizer trained here, written with save_pretrained; its answers are noise."""
+def build_tiny_llava(
+    out_dir: str | Path, seed: int = 0, width: int = 32, patch_size: int = 8
+) -> Path:
+    """A seeded tiny LLaVA (CLIP vision tower, 32x32 images, 2-layer Llama of `width`) and a
+    processor with a byte-level BPE tokenizer trained here (on the question and the tiny world's
+    prompts), written with save_pretrained. Its weights are random, so its answers are noise
+    until `rewards.captioner` trains it."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import (
         CLIPImageProcessorPil,
@@ -226,12 +232,17 @@ def build_tiny_llava(out_dir: str | Path, seed: int = 0) -> Path:
         PreTrainedTokenizerFast,
     )
 
+    from ddpo.tiny import world
     from rewards.aesthetic import TINY_VISION
 
     bpe = Tokenizer(models.BPE(unk_token="<unk>"))
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     bpe.decoder = decoders.ByteLevel()
-    corpus = [LLAVA15_PROMPT.format(question=QUESTION), "The image contains a cat riding a bike"]
+    corpus = [
+        LLAVA15_PROMPT.format(question=QUESTION),
+        "The image contains a cat riding a bike",
+        *world.all_prompts(),
+    ]
     trainer = trainers.BpeTrainer(
         vocab_size=320,
         show_progress=False,
@@ -252,17 +263,24 @@ def build_tiny_llava(out_dir: str | Path, seed: int = 0) -> Path:
             size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}
         ),
         tokenizer=tokenizer,
-        patch_size=8,
-        vision_feature_select_strategy="default",  # drop CLS: 16 image tokens per image
+        patch_size=patch_size,
+        vision_feature_select_strategy="default",  # drop CLS: (32 / patch_size)^2 image tokens
         num_additional_image_tokens=1,
         chat_template=LLAVA15_CHAT_TEMPLATE,
     )
     config = LlavaConfig(
-        vision_config=CLIPVisionConfig(**TINY_VISION),
+        vision_config=CLIPVisionConfig(
+            **{
+                **TINY_VISION,
+                "hidden_size": width,
+                "intermediate_size": 2 * width,
+                "patch_size": patch_size,
+            }
+        ),
         text_config=LlamaConfig(
             vocab_size=len(tokenizer),
-            hidden_size=32,
-            intermediate_size=64,
+            hidden_size=width,
+            intermediate_size=2 * width,
             num_hidden_layers=2,
             num_attention_heads=2,
             num_key_value_heads=2,

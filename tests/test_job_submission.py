@@ -282,7 +282,7 @@ def test_a_head_too_small_for_the_run_says_what_is_missing_and_stops(tmp_path):
             [
                 sys.executable, "-m", "learner.run", "--task", "compressibility", "--model",
                 "tiny", "--mode", "async", "--run-dir", str(tmp_path / "run"),
-                "--address", small["gcs"], "--pending-timeout", "15", "--run.pending-report-s", "8",
+                "--address", small["gcs"], "--pending-timeout", "8", "--run.pending-report-s", "4",
             ],
             env=small["env"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         )  # fmt: skip
@@ -306,6 +306,6 @@ def test_a_head_too_small_for_the_run_says_what_is_missing_and_stops(tmp_path):
     assert "no autoscaler can add a node to this cluster" in output
     assert status == 2, output
     last = lines[-1][1]
-    assert last.startswith("error: 1 actor could not start in 1"), output  # 15-16 s
+    assert re.match(r"error: 1 actor could not start in (8|9|10)s", last), output
     assert "start Ray with 3 logical CPUs (ray start --head --num-cpus=3" in last
     print(f"pending report after {reported:.0f}s, stopped after {time.time() - start:.0f}s")
