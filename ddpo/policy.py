@@ -114,6 +114,12 @@ def load_pipeline(
     return pipe
 
 
+def to_uint8(images: torch.Tensor) -> np.ndarray:
+    """Decoder output [B, 3, H, W] in [-1, 1] -> uint8 images [B, H, W, 3], as rewards see them."""
+    images = ((images.float() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
+    return images.permute(0, 2, 3, 1).cpu().numpy()
+
+
 class Policy:
     """A LoRA-adapted Stable Diffusion pipeline that samples and scores DDIM trajectories."""
 
@@ -269,9 +275,7 @@ class Policy:
     def decode(self, latents: torch.Tensor) -> np.ndarray:
         """Latents [B, C, h, w] -> uint8 images [B, H, W, 3]."""
         vae = self.pipe.vae
-        images = vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor).sample
-        images = ((images.float() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
-        return images.permute(0, 2, 3, 1).cpu().numpy()
+        return to_uint8(vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor).sample)
 
     def latent_shape(self) -> tuple[int, int, int]:
         size = self.unet.config.sample_size

@@ -11,8 +11,9 @@ processor. Only the answer's tokens (and the end of sequence) carry loss.
 The answer leaves out the background because no reader can see it: the tiny VAE draws every
 background kind as the same blur (bench/room.py), and a captioner trained to name it was right
 30% of the time, against 25% by chance. A background word in the answer would add noise to the
-reward and nothing a policy could learn. Everything is seeded;
-on 2 CPU cores the defaults take a few minutes.
+reward and nothing a policy could learn.
+
+Everything is seeded; on 2 CPU cores the defaults take about 6 minutes.
 
     python -m rewards.captioner --out rewards/tiny_llava
 """
@@ -30,7 +31,9 @@ import torch
 import tyro
 from tqdm import tqdm
 
+from ddpo.policy import to_uint8
 from ddpo.tiny import world
+from ddpo.tiny.pretrain import to_tensor
 from rewards.alignment import (
     REFERENCE,
     TINY_LLAVA,
@@ -74,10 +77,8 @@ class BlurredWorld:
     @torch.no_grad()
     def batch(self, n: int) -> tuple[list, list[str]]:
         images, prompts = world.sample_batch(self.rng, n)
-        x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1.0
-        y = self.vae.decode(self.vae.encode(x).latent_dist.sample()).sample
-        blurred = ((y.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
-        return jpeg_roundtrip(blurred), prompts
+        latents = self.vae.encode(to_tensor(images)).latent_dist.sample()
+        return jpeg_roundtrip(to_uint8(self.vae.decode(latents).sample)), prompts
 
 
 def answer_for(prompt: str) -> str:
