@@ -1,6 +1,7 @@
 """How much of the compressibility room can the tiny model reach at all?
 
     python bench/room.py
+    python bench/room.py --model /tmp/tiny16 --prompts "a red circle" "a green square"
 
 Issue 12 measures a run's gain against the room from the start evaluation down to the JPEG
 size of a flat image (0.64 kB at 32x32). Whatever the policy does, an image has to come out of
@@ -33,6 +34,10 @@ from rewards.jpeg import jpeg_size_kb
 
 @dataclass(frozen=True)
 class Args:
+    model: str = "tiny"
+    """The model whose decoder and samples are measured (the preset's sampling settings)."""
+    prompts: tuple[str, ...] = ()
+    """Prompts whose samples are measured (default: the preset's training prompts)."""
     images: int = 32
     """World images per background, and latents to optimise."""
     samples: int = 64
@@ -62,7 +67,7 @@ def main(args: Args) -> None:
     torch.set_num_threads(args.threads)
     config = task_config("compressibility", "tiny")
     s = config.sample
-    policy = Policy(load_pipeline("tiny"), s.num_steps, s.guidance_scale, s.eta)
+    policy = Policy(load_pipeline(args.model), s.num_steps, s.guidance_scale, s.eta)
     vae = policy.pipe.vae
 
     def encode(images: np.ndarray) -> torch.Tensor:
@@ -92,7 +97,8 @@ def main(args: Args) -> None:
         result[f"world_{background}_round_trip"] = stats(jpeg_size_kb(round_trip(drawn)))
         rows.append([f"world, {background} background", result[f"world_{background}"]["mean"],
                      result[f"world_{background}_round_trip"]["mean"]])  # fmt: skip
-    flat = np.stack([np.full((32, 32, 3), v, np.uint8) for v in np.linspace(40, 220, 8)])
+    size = world.IMAGE_SIZE
+    flat = np.stack([np.full((size, size, 3), v, np.uint8) for v in np.linspace(40, 220, 8)])
     result["flat"] = stats(jpeg_size_kb(flat))
     result["flat_round_trip"] = stats(jpeg_size_kb(round_trip(flat)))
     rows.append(["flat, no shape", result["flat"]["mean"], result["flat_round_trip"]["mean"]])
@@ -119,7 +125,7 @@ def main(args: Args) -> None:
     )
 
     result["samples"] = {}
-    for prompt in config.prompts:
+    for prompt in args.prompts or config.prompts:
         kb = jpeg_size_kb(policy.sample([prompt] * args.samples, np.arange(args.samples)).images)
         result["samples"][prompt] = stats(kb)
         rows.append([f"model samples: {prompt}", None, result["samples"][prompt]["mean"]])

@@ -8,12 +8,11 @@ world images passed through the tiny diffusion model's VAE (encode, sample, deco
 blurred as the policy's samples are, then through the reward's JPEG round trip and the LLaVA
 processor. Only the answer's tokens (and the end of sequence) carry loss.
 
-The answer leaves out the background because no reader can see it: the tiny VAE draws every
-background kind as the same blur (bench/room.py), and a captioner trained to name it was right
-30% of the time, against 25% by chance. A background word in the answer would add noise to the
-reward and nothing a policy could learn.
+The answer leaves out the background, as the tiny presets' prompts do ("a red circle" spans every
+background kind). The first tiny model's VAE drew every background as the same blur, and a
+captioner trained to name it was right 30% of the time, against 25% by chance.
 
-Everything is seeded; on 2 CPU cores the defaults take about 6 minutes.
+Everything is seeded; on 2 CPU cores the defaults take about 9 minutes.
 
     python -m rewards.captioner --out rewards/tiny_llava
 """

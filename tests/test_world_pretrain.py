@@ -1,6 +1,7 @@
 """The tiny world's data recipe and the pretraining script."""
 
 import numpy as np
+import pytest
 import torch
 
 from ddpo.tiny import pretrain, world
@@ -36,3 +37,32 @@ def test_short_pretraining_lowers_losses():
     assert np.mean(vae_losses[-5:]) < 0.9 * np.mean(vae_losses[:5])
     assert np.mean(unet_losses[-10:]) < 0.8 * np.mean(unet_losses[:10])
     assert pipe.vae.config.scaling_factor > 0
+
+
+def test_background_drop_leaves_the_background_out_of_some_captions():
+    plain, prompts = world.sample_batch(np.random.default_rng(3), 64)
+    same, same_prompts = world.sample_batch(np.random.default_rng(3), 64, background_drop=0.0)
+    assert np.array_equal(plain, same) and prompts == same_prompts  # the default stream is kept
+    _, none = world.sample_batch(np.random.default_rng(3), 32, background_drop=1.0)
+    assert all(p.count(" ") == 2 and p in world.short_prompts() for p in none)
+    _, mixed = world.sample_batch(np.random.default_rng(3), 64, background_drop=0.5)
+    short = sum(p in world.short_prompts() for p in mixed)
+    assert 16 <= short <= 48 and all(p in world.all_prompts() + world.short_prompts() for p in mixed)
+
+
+@pytest.mark.parametrize("latent_size", [8, 16])
+def test_pipeline_shapes_for_each_latent_size(latent_size):
+    torch.manual_seed(0)
+    pipe = build_pipeline(latent_size)
+    assert pipe.unet.config.sample_size == latent_size
+    assert pipe.unet.config.sample_size * pipe.vae_scale_factor == world.IMAGE_SIZE
+    images, prompts = world.sample_batch(np.random.default_rng(0), 2)
+    with torch.no_grad():
+        latents = pipe.vae.encode(pretrain.to_tensor(images)).latent_dist.mode()
+        assert latents.shape == (2, 4, latent_size, latent_size)
+        ids = pipe.tokenizer(prompts, padding="max_length", return_tensors="pt").input_ids
+        eps = pipe.unet(latents, torch.tensor([10, 500]), pipe.text_encoder(ids)[0]).sample
+        assert eps.shape == latents.shape
+        assert pipe.vae.decode(latents).sample.shape == (2, 3, world.IMAGE_SIZE, world.IMAGE_SIZE)
+    with pytest.raises(ValueError, match="latent_size 12"):
+        build_pipeline(12)

@@ -2,7 +2,8 @@
 
 The classes are exactly those of Stable Diffusion v1.4 (UNet2DConditionModel with
 cross-attention, AutoencoderKL, CLIPTextModel + CLIPTokenizer, DDIMScheduler configured as SD 1.4's),
-only narrower and shallower: 32x32 images, 8x8x4 latents, a 64-dimensional text encoder over the
+only narrower and shallower: 32x32 images, 16x16x4 latents (8x8x4 with `latent_size=8`, the
+first tiny model, whose VAE blurred every texture alike), a 64-dimensional text encoder over the
 tiny world's vocabulary. `ddpo.tiny.pretrain` trains it; the trained weights ship with the package.
 """
 
@@ -62,13 +63,24 @@ def build_tokenizer() -> CLIPTokenizer:
     return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=MAX_TOKENS)  # type: ignore[arg-type]
 
 
-def build_vae() -> AutoencoderKL:
+LATENT_SIZES = (8, 16)
+
+
+def _check_latent_size(latent_size: int) -> None:
+    if latent_size not in LATENT_SIZES:
+        raise ValueError(f"latent_size {latent_size} is not one of {LATENT_SIZES}")
+
+
+def build_vae(latent_size: int = 16) -> AutoencoderKL:
+    _check_latent_size(latent_size)
+    # One block per resolution: 32x32 -> 8x8 takes two downsamplings, 32x32 -> 16x16 one.
+    channels = (16, 32, 64) if latent_size == 8 else (32, 64)
     return AutoencoderKL(
         in_channels=3,
         out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 3,  # two downsamplings: 32x32 -> 8x8
-        up_block_types=("UpDecoderBlock2D",) * 3,
-        block_out_channels=(16, 32, 64),
+        down_block_types=("DownEncoderBlock2D",) * len(channels),
+        up_block_types=("UpDecoderBlock2D",) * len(channels),
+        block_out_channels=channels,
         layers_per_block=1,
         latent_channels=4,
         norm_num_groups=8,
@@ -76,18 +88,32 @@ def build_vae() -> AutoencoderKL:
     )
 
 
-def build_unet() -> UNet2DConditionModel:
+def build_unet(latent_size: int = 16) -> UNet2DConditionModel:
+    _check_latent_size(latent_size)
+    if latent_size == 8:
+        levels: dict = dict(
+            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+            block_out_channels=(32, 64),
+            norm_num_groups=32,
+        )
+    else:
+        # A third, narrow level at 16x16 without attention keeps the cost of the 8x8 model:
+        # cross-attention over 256 positions would make every step 2-5x slower.
+        levels = dict(
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+            block_out_channels=(16, 32, 64),
+            norm_num_groups=16,
+        )
     return UNet2DConditionModel(
-        sample_size=world.IMAGE_SIZE // 4,
+        sample_size=latent_size,
         in_channels=4,
         out_channels=4,
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        block_out_channels=(32, 64),
         layers_per_block=1,
         cross_attention_dim=TEXT_DIM,
         attention_head_dim=8,
-        norm_num_groups=32,
+        **levels,
     )
 
 
@@ -106,14 +132,14 @@ def build_text_encoder(vocab_size: int) -> CLIPTextModel:
     return CLIPTextModel(config)
 
 
-def build_pipeline() -> StableDiffusionPipeline:
+def build_pipeline(latent_size: int = 16) -> StableDiffusionPipeline:
     """A randomly initialised tiny pipeline, ready for `ddpo.tiny.pretrain`."""
     tokenizer = build_tokenizer()
     return StableDiffusionPipeline(
-        vae=build_vae(),
+        vae=build_vae(latent_size),
         text_encoder=build_text_encoder(len(tokenizer)),
         tokenizer=tokenizer,
-        unet=build_unet(),
+        unet=build_unet(latent_size),
         scheduler=sd14_scheduler(),
         safety_checker=None,
         feature_extractor=None,

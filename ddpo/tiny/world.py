@@ -24,13 +24,21 @@ SHAPES = ("circle", "square", "triangle")
 BACKGROUNDS = ("plain", "striped", "checkered", "noisy")
 
 
-def prompt_for(colour: str, shape: str, background: str) -> str:
+def prompt_for(colour: str, shape: str, background: str | None) -> str:
+    """The scene's caption; with no background, "a red circle" stands for all four kinds."""
+    if background is None:
+        return f"a {colour} {shape}"
     return f"a {colour} {shape} on a {background} background"
 
 
 def all_prompts() -> list[str]:
     """Every prompt of the world (6 colours x 3 shapes x 4 backgrounds = 72)."""
     return [prompt_for(c, s, b) for c in COLOURS for s in SHAPES for b in BACKGROUNDS]
+
+
+def short_prompts() -> list[str]:
+    """Every prompt without a background (6 colours x 3 shapes = 18): "a red circle"."""
+    return [prompt_for(c, s, None) for c in COLOURS for s in SHAPES]
 
 
 def vocabulary() -> list[str]:
@@ -93,13 +101,19 @@ def render(rng: np.random.Generator, colour: str, shape: str, background: str) -
     return np.clip(np.rint(image), 0, 255).astype(np.uint8)
 
 
-def sample_batch(rng: np.random.Generator, n: int) -> tuple[np.ndarray, list[str]]:
-    """n random scenes: uint8 images [n, 32, 32, 3] and their prompts."""
+def sample_batch(
+    rng: np.random.Generator, n: int, background_drop: float = 0.0
+) -> tuple[np.ndarray, list[str]]:
+    """n random scenes: uint8 images [n, 32, 32, 3] and their prompts. A `background_drop`
+    share of the captions leaves the background out, so that a prompt like "a red circle"
+    covers flat to noisy backgrounds alike: the room a JPEG reward can move within a prompt."""
     colours, images, prompts = list(COLOURS), [], []
     for _ in range(n):
         colour = colours[rng.integers(len(colours))]
         shape = SHAPES[rng.integers(len(SHAPES))]
         background = BACKGROUNDS[rng.integers(len(BACKGROUNDS))]
         images.append(render(rng, colour, shape, background))
-        prompts.append(prompt_for(colour, shape, background))
+        # Drawn only when asked for, so that the default stream stays what it always was.
+        drop = background_drop > 0 and rng.random() < background_drop
+        prompts.append(prompt_for(colour, shape, None if drop else background))
     return np.stack(images), prompts
