@@ -201,7 +201,7 @@ def main(args: Args) -> None:
                 r["gib"],
             ]
         )
-    model = "tiny model (8x8 latents)" if args.tiny else "SD 1.4 UNet, 512 px (64x64 latents)"
+    model = "tiny model (16x16 latents)" if args.tiny else "SD 1.4 UNet, 512 px (64x64 latents)"
     print(f"\n{describe(facts)}")
     print(
         f"{model}, {device} {str(dtype).removeprefix('torch.')}, batch {b} (UNet batch {2 * b} "

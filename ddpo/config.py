@@ -73,6 +73,10 @@ class TrainConfig:
     lr_schedule: Literal["constant", "cosine"] = "constant"
     """constant (the paper's), or cosine: from learning_rate at the first update down to 0 at the
     run's last (`epochs`), by policy version, so a resumed run keeps its schedule."""
+    warmup_updates: int = 0
+    """The first N updates ramp the learning rate linearly, 1/(N+1) of it at the first and the
+    full rate from update N+1 on (then the schedule): Adam's first steps on a fresh LoRA have
+    full size in a mostly random direction. 0 turns it off."""
     adam_beta1: float = 0.9
     adam_beta2: float = 0.999
     adam_weight_decay: float = 1e-4
@@ -122,6 +126,8 @@ class TrainConfig:
             raise ConfigError(
                 f"train.kl_coef={self.kl_coef} must be >= 0 (0 turns the penalty off)"
             )
+        if self.warmup_updates < 0:
+            raise ConfigError(f"train.warmup_updates={self.warmup_updates} must be >= 0")
         if self.lr_schedule not in ("constant", "cosine"):
             raise ConfigError(f"train.lr_schedule={self.lr_schedule!r}: choose constant or cosine")
         if self.lora_init not in ("default", "gaussian"):

@@ -184,10 +184,11 @@ class Learner:
     def learning_rate(self) -> float:
         """The learning rate of the update that makes version `self.version + 1`."""
         cfg = self.config.train
+        warmup = min(1.0, (self.version + 1) / (cfg.warmup_updates + 1))
         if cfg.lr_schedule == "constant":
-            return cfg.learning_rate
+            return cfg.learning_rate * warmup
         progress = min(self.version / max(self.config.run.epochs, 1), 1.0)
-        return cfg.learning_rate * 0.5 * (1.0 + math.cos(math.pi * progress))
+        return warmup * cfg.learning_rate * 0.5 * (1.0 + math.cos(math.pi * progress))
 
     def _optimizer_step(self) -> float:
         params = self.policy.trainable_parameters()

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from ddpo.config import SampleConfig, StatTrackerConfig, TrainConfig, override
+from ddpo.config import ConfigError, SampleConfig, StatTrackerConfig, TrainConfig, override
 from ddpo.policy import Policy
 from ddpo.presets import task_config
 from learner.driver import train
@@ -130,6 +130,26 @@ def test_cosine_schedule_follows_torch(tiny_pipe):
         reference.step()
         schedule.step()
     assert learner.learning_rate() == pytest.approx(0.0, abs=1e-12)
+
+
+def test_warmup_follows_torch_linear_ramp(tiny_pipe):
+    """warmup_updates=N: torch's LinearLR from 1/(N+1) to the full rate over N steps."""
+    config = small_config(warmup_updates=3)
+    learner = make_learner(tiny_pipe, config)
+    reference = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=config.train.learning_rate)
+    schedule = torch.optim.lr_scheduler.LinearLR(reference, start_factor=1 / 4, total_iters=3)
+    prompts = list(config.prompts[:4])
+    for version in range(5):
+        batch = learner.policy.sample(prompts, [0, 1, 2, 3], batch_id=f"{version}-0")
+        learner.update(np.array([1, -1, 1, -1.0]), np.zeros(4), batch)
+        assert learner.optimizer.param_groups[0]["lr"] == pytest.approx(
+            reference.param_groups[0]["lr"]
+        )
+        reference.step()
+        schedule.step()
+    assert learner.learning_rate() == config.train.learning_rate
+    with pytest.raises(ConfigError, match="warmup_updates=-1"):
+        small_config(warmup_updates=-1)
 
 
 @pytest.mark.parametrize("decoupled", [False, True])

@@ -2,9 +2,10 @@
 
     python tools/inspect_model.py --out docs/tiny_grid.png
 
-Rows are prompts (one per colour, shapes and backgrounds cycling), columns are seeds. The JPEG
-statistics are over `--samples` samples of random world prompts, as the compressibility task's
-first epoch sees them (20 DDIM steps, guidance 5).
+Rows are prompts, columns are seeds: first the tiny presets' six prompts, which leave the
+background open ("a red circle"), then one per colour with shapes and backgrounds cycling. The
+JPEG statistics are over `--samples` samples of random world prompts, with and without their
+background (20 DDIM steps, guidance 5).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import tyro
 
 from ddpo.images import save_grid
 from ddpo.policy import Policy, load_pipeline
+from ddpo.presets import tiny_prompts
 from ddpo.tiny import world
 from rewards.jpeg import jpeg_size_kb
 
@@ -36,7 +38,7 @@ def main(args: Args) -> None:
     policy = Policy(
         load_pipeline(args.model), num_steps=args.num_steps, guidance_scale=args.guidance_scale
     )
-    rows = [
+    rows = list(tiny_prompts()) + [
         world.prompt_for(colour, world.SHAPES[i % 3], world.BACKGROUNDS[i % 4])
         for i, colour in enumerate(world.COLOURS)
     ]
@@ -47,7 +49,7 @@ def main(args: Args) -> None:
     seed_labels = [f"seed {s}" for s in range(args.seeds)]
     save_grid(images, args.out, args.seeds, row_labels=rows, column_labels=seed_labels)
     rng = np.random.default_rng(0)
-    all_prompts = world.all_prompts()
+    all_prompts = world.all_prompts() + world.short_prompts()
     prompts = [all_prompts[i] for i in rng.integers(len(all_prompts), size=args.samples)]
     sizes = np.concatenate(
         [
