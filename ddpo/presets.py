@@ -102,7 +102,8 @@ def tiny_prompts() -> tuple[str, ...]:
     from ddpo.tiny import world
 
     return tuple(
-        world.prompt_for(colour, world.SHAPES[i % 3], None) for i, colour in enumerate(world.COLOURS)
+        world.prompt_for(colour, world.SHAPES[i % 3], None)
+        for i, colour in enumerate(world.COLOURS)
     )
 
 

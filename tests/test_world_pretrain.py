@@ -47,7 +47,9 @@ def test_background_drop_leaves_the_background_out_of_some_captions():
     assert all(p.count(" ") == 2 and p in world.short_prompts() for p in none)
     _, mixed = world.sample_batch(np.random.default_rng(3), 64, background_drop=0.5)
     short = sum(p in world.short_prompts() for p in mixed)
-    assert 16 <= short <= 48 and all(p in world.all_prompts() + world.short_prompts() for p in mixed)
+    assert 16 <= short <= 48 and all(
+        p in world.all_prompts() + world.short_prompts() for p in mixed
+    )
 
 
 @pytest.mark.parametrize("latent_size", [8, 16])
