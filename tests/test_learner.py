@@ -3,6 +3,7 @@
 import copy
 import dataclasses
 import json
+from functools import partial
 
 import numpy as np
 import pytest
@@ -114,14 +115,12 @@ def test_a_batch_is_never_trained_twice(tiny_pipe):
         learner.update(np.array([1, -1, 1, -1.0]), np.zeros(4), batch)
 
 
-def test_cosine_schedule_follows_torch(tiny_pipe):
-    """Each update's learning rate is torch's CosineAnnealingLR over the run's epochs, by version."""
-    config = override(small_config(lr_schedule="cosine"), {"run.epochs": 4})
-    learner = make_learner(tiny_pipe, config)
-    reference = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1e-3)
-    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(reference, T_max=4)
+def assert_lr_follows_torch(learner, config, make_schedule, updates: int) -> None:
+    """Each update's learning rate equals the torch scheduler's over as many steps."""
+    reference = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=config.train.learning_rate)
+    schedule = make_schedule(reference)
     prompts = list(config.prompts[:4])
-    for version in range(4):
+    for version in range(updates):
         batch = learner.policy.sample(prompts, [0, 1, 2, 3], batch_id=f"{version}-0")
         learner.update(np.array([1, -1, 1, -1.0]), np.zeros(4), batch)
         assert learner.optimizer.param_groups[0]["lr"] == pytest.approx(
@@ -129,6 +128,14 @@ def test_cosine_schedule_follows_torch(tiny_pipe):
         )
         reference.step()
         schedule.step()
+
+
+def test_cosine_schedule_follows_torch(tiny_pipe):
+    """Each update's learning rate is torch's CosineAnnealingLR over the run's epochs, by version."""
+    config = override(small_config(lr_schedule="cosine"), {"run.epochs": 4})
+    learner = make_learner(tiny_pipe, config)
+    cosine = partial(torch.optim.lr_scheduler.CosineAnnealingLR, T_max=4)
+    assert_lr_follows_torch(learner, config, cosine, updates=4)
     assert learner.learning_rate() == pytest.approx(0.0, abs=1e-12)
 
 
@@ -136,17 +143,8 @@ def test_warmup_follows_torch_linear_ramp(tiny_pipe):
     """warmup_updates=N: torch's LinearLR from 1/(N+1) to the full rate over N steps."""
     config = small_config(warmup_updates=3)
     learner = make_learner(tiny_pipe, config)
-    reference = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=config.train.learning_rate)
-    schedule = torch.optim.lr_scheduler.LinearLR(reference, start_factor=1 / 4, total_iters=3)
-    prompts = list(config.prompts[:4])
-    for version in range(5):
-        batch = learner.policy.sample(prompts, [0, 1, 2, 3], batch_id=f"{version}-0")
-        learner.update(np.array([1, -1, 1, -1.0]), np.zeros(4), batch)
-        assert learner.optimizer.param_groups[0]["lr"] == pytest.approx(
-            reference.param_groups[0]["lr"]
-        )
-        reference.step()
-        schedule.step()
+    ramp = partial(torch.optim.lr_scheduler.LinearLR, start_factor=1 / 4, total_iters=3)
+    assert_lr_follows_torch(learner, config, ramp, updates=5)
     assert learner.learning_rate() == config.train.learning_rate
     with pytest.raises(ConfigError, match="warmup_updates=-1"):
         small_config(warmup_updates=-1)
