@@ -24,7 +24,8 @@ def test_sampling_is_reproducible_and_per_sample_seeded(policy):
     # Sample i depends on seeds[i] alone, not on its batch.
     c = policy.sample(PROMPTS[2:3], [3])
     torch.testing.assert_close(c.latents[0], a.latents[2], rtol=1e-5, atol=1e-5)
-    assert a.latents.shape == (4, 9, 4, 8, 8) and a.log_probs.shape == (4, 8)
+    assert a.latents.shape == (4, 9, *policy.latent_shape()) and a.log_probs.shape == (4, 8)
+    assert policy.latent_shape() == (4, 16, 16)
     assert a.images.shape == (4, 32, 32, 3) and a.images.dtype == np.uint8
     assert torch.isfinite(a.log_probs).all()
 
