@@ -182,13 +182,15 @@ def alignment() -> Config:
 def tiny(config: Config) -> Config:
     """`config`'s task on the tiny model, at a size that runs on 2 CPU cores.
 
-    Chosen by a sweep on 2 CPU cores (BENCHMARKS.md, "Learning"). The policy gradient of a few
-    samples is mostly noise, so the preset buys samples: 10 DDIM steps and calls of 32 samples
-    (2.5x the time of a call of 8, the tiny UNet's ops being short) give 64 samples an epoch in
-    about 5 s. Weight drift lowers compressibility, so the trust region is tight: clip 2e-3 on
-    the 1,024-dimensional latent (the paper's 1e-4 is on 16,384). lr 1.5e-2: at 3e-2 one seed
-    of three drifted the wrong way in its first epochs and never came back (a warm-up rescued
-    that seed and lost another), and 6e-2 collapsed. The demo stops at 30 epochs.
+    Chosen by sweeps (BENCHMARKS.md, "Learning"), the last on a GPU node in parallel
+    (`bench/sweep.py`). The policy gradient of a few samples is mostly noise, so the preset buys
+    samples: 10 DDIM steps and calls of 32 samples (2.5x the time of a call of 8, the tiny UNet's
+    ops being short) give 64 samples an epoch in about 5 s. Weight drift lowers compressibility,
+    so the trust region is tight: clip 2e-3 on the 1,024-dimensional latent (the paper's 1e-4 is
+    on 16,384). LoRA's A starts with std 1/r as the reference's, not peft's Kaiming: on five
+    seeds it gained 1.7x as much and every seed cleared t 3. lr 1.5e-2: at 3e-2 seeds diverge
+    (one drifts the wrong way in its first epochs and never comes back), and 6e-2 collapses.
+    The demo stops at 30 epochs.
     """
     return dataclasses.replace(
         config,
@@ -197,7 +199,9 @@ def tiny(config: Config) -> Config:
         heldout_prompts=tiny_heldout_prompts(),
         run=dataclasses.replace(config.run, epochs=30, eval_every=10),
         sample=SampleConfig(num_steps=10, batch_size=32, num_batches_per_epoch=2),
-        train=TrainConfig(learning_rate=1.5e-2, clip_range=2e-3, batch_size=32),
+        train=TrainConfig(
+            learning_rate=1.5e-2, clip_range=2e-3, batch_size=32, lora_init="gaussian"
+        ),
         stat_tracker=StatTrackerConfig(buffer_size=16, min_count=4),
         grid_prompts=6,
         grid_seeds=8,
