@@ -57,9 +57,14 @@ def kill_rank_during(driver, rank, after_epochs):
     return thread
 
 
+def norm(a: dict, b: dict) -> float:
+    """The Frobenius norm of a - b over all the tensors of two state dicts."""
+    return float(sum(((a[k] - b[k]).double() ** 2).sum() for k in a) ** 0.5)
+
+
 def test_two_gloo_learners_update_as_one_learner(ray_instance, tmp_path):
     """Same trajectories, 2 updates: 1 learner in this process against a group of 2 Ray actors.
-    The LoRA weights agree to 1e-5; both ranks hold the same weights, AdamW state and generator;
+    The LoRA weights agree to roundoff; both ranks hold the same weights, AdamW state and generator;
     both restore a checkpoint of rank 0 exactly; a lost rank stops the group."""
     from learner.errors import LearnerLost
     from learner.group import LearnerGroup, merged_metrics
@@ -127,11 +132,17 @@ def test_two_gloo_learners_update_as_one_learner(ray_instance, tmp_path):
     finally:
         group.stop()
     lora = alone.policy.lora_state_dict()
-    diff = max(float((after[0][f"lora.{k}"] - v).abs().max()) for k, v in lora.items())
-    print(f"max |diff| of the LoRA weights, 2 learners against 1: {diff:.2e}")
-    assert diff <= 1e-5
+    group_lora = {k: after[0][f"lora.{k}"] for k in lora}
+    diff = max(float((group_lora[k] - v).abs().max()) for k, v in lora.items())
     moved = max(float((v - start[k]).abs().max()) for k, v in lora.items())
-    assert moved > 50 * max(diff, 1e-7)  # the weights moved (6e-4), far beyond the difference
+    relative = norm(group_lora, lora) / norm(lora, start)
+    print(
+        f"2 learners against 1: max |diff| {diff:.2e}, moved {moved:.2e}, relative {relative:.2e}"
+    )
+    # AdamW bounds an element's step by about lr whatever its gradient, so roundoff can move a
+    # single element by up to 2 lr an update; the whole update agrees far closer than that.
+    assert diff <= 0.1 * config.train.learning_rate
+    assert relative <= 1e-3
     # Every rank holds the same weights, AdamW moments and generator state.
     assert after[0].keys() == after[1].keys()
     assert all(torch.equal(after[0][k], after[1][k]) for k in after[0])

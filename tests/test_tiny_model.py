@@ -59,17 +59,22 @@ def test_different_seeds_give_different_images(policy):
 
 
 def test_colour_in_prompt_sets_the_colour_channel(policy):
-    """Red, green and blue shapes on plain backgrounds: the named channel dominates relative to
-    the other colours' images. Fails on a randomly initialised model."""
-    channel_means = {}
-    for colour in ("red", "green", "blue"):
-        prompts = [f"a {colour} {shape} on a plain background" for shape in world.SHAPES] * 3
-        images = policy.sample(prompts, np.arange(len(prompts)) + 100).images.astype(float)
-        channel_means[colour] = images.mean(axis=(0, 1, 2))  # [3] R, G, B
-    for index, colour in enumerate(("red", "green", "blue")):
-        others = [c for c in channel_means if c != colour]
-        own = channel_means[colour][index] - channel_means[colour].mean()
-        for other in others:
-            assert own > channel_means[other][index] - channel_means[other].mean() + 10, (
-                channel_means
-            )
+    """Red, green and blue shapes: the shape's pixels carry the named colour. Per image, the
+    top decile of the named channel's excess over the other two channels (the shape covers
+    12-34% of a world image, the muted backgrounds seldom reach such an excess) is far above
+    what the other colours' images show. Fails on a randomly initialised model."""
+
+    def excess(images: np.ndarray, channel: int) -> float:
+        others = [c for c in range(3) if c != channel]
+        over = images[..., channel] - images[..., others].mean(axis=-1)
+        return float(np.percentile(over.reshape(len(over), -1), 90, axis=1).mean())
+
+    colours = ("red", "green", "blue")
+    images = {}
+    for colour in colours:
+        prompts = [world.prompt_for(colour, shape, None) for shape in world.SHAPES] * 3
+        images[colour] = policy.sample(prompts, np.arange(len(prompts)) + 100).images
+    for channel, colour in enumerate(colours):
+        own = excess(images[colour].astype(float), channel)
+        others = {o: excess(images[o].astype(float), channel) for o in colours if o != colour}
+        assert all(own > value + 40 for value in others.values()), (colour, own, others)
