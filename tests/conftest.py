@@ -39,12 +39,15 @@ def server(request):
 
 @pytest.fixture(scope="module")
 def ray_instance():
-    """One local Ray instance per test module (starting Ray costs seconds)."""
+    """A local Ray instance, started by the first module that asks and kept for the next ones
+    (starting and stopping Ray costs about 5 s on 2 cores); a module that needs its own cluster
+    (test_multinode) shuts it down, and the next module to ask starts it again. Ray stops
+    with the test process."""
     ray = pytest.importorskip("ray")
-    # Logical CPUs: room for samplers, the learner and grown reward pools (actors mostly wait).
-    ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False)
-    yield ray
-    ray.shutdown()
+    if not ray.is_initialized():
+        # Logical CPUs: room for samplers, the learner and grown reward pools (actors mostly wait).
+        ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False)
+    return ray
 
 
 @pytest.fixture

@@ -33,11 +33,12 @@ from learner.shuffled import ShuffledDriver
 from learner.wiring import InProcess
 
 EPOCHS = 30  # the preset's
-# Measured on this preset (BENCHMARKS.md, "Learning", one process): after 30 epochs the paired
-# gain on the 48 evaluation samples had t 3.7 to 6.5 on every seed, and the margin of the run
-# over its shuffled control (paired, the same samples) t 2.9 to 5.9. With a fixed thread count
-# (tests set DDPO_THREADS) the run is deterministic, so these thresholds are checked against one
-# draw: the gain t >= 3, the margin over the control t >= 2.
+# Measured on this preset (BENCHMARKS.md, "The gaussian-init preset", one process): after 30
+# epochs the paired gain on the 48 evaluation samples had t 3.5 to 12.4 on every seed (seed 0:
+# 7.3), and the margin of the run over its shuffled control (paired, the same samples) t 2.1 to
+# 8.5 (seed 0: 8.5). With a fixed thread count (tests set DDPO_THREADS) the run is
+# deterministic, so these thresholds are checked against one draw: the gain t >= 3, the margin
+# over the control t >= 2.
 MIN_T_GAIN = 3.0
 MIN_T_MARGIN = 2.0
 # The run and its shuffled control train at the same time, one thread each, one per core: 194 s
@@ -59,10 +60,10 @@ def run(run_dir, epochs, learning_rate=None, shuffled=False):
         train = dataclasses.replace(train, learning_rate=learning_rate)
     config = override(config, {"run.epochs": epochs, "seed": 0, "run.dir": run_dir, "train": train})
     # What is judged here is the training prompts' start and end: the held-out prompts (tested
-    # in test_learner and test_guard) and the controls' middle evaluations would only cost time.
+    # in test_learner and test_guard) and the middle evaluations (test_guard) would only cost
+    # time.
     config = dataclasses.replace(config, heldout_prompts=())
-    if shuffled or learning_rate == 0:
-        config = override(config, {"run.eval_every": 0})
+    config = override(config, {"run.eval_every": 0})
     history = (ShuffledDriver if shuffled else Driver)(config, InProcess()).run()
     return history, read_evals(run_dir)
 
@@ -104,8 +105,8 @@ def check_demo_against_controls(tmp_path, control_run, control_log):
         "lora/pytorch_lora_weights.safetensors",
     ):
         assert (tmp_path / "trained" / name).is_file(), name
-    # Start, every eval_every (10) epochs, end; each with every sample's reward.
-    assert [e["when"] for e in evals] == ["start", 10, 20, "end"]
+    # Start and end, each with every sample's reward.
+    assert [e["when"] for e in evals] == ["start", "end"]
     assert all(len(e["rewards"]) == e["samples"] == 48 for e in evals)
     assert evals[-1]["policy_version"] == EPOCHS
     start, end = evals[0]["rewards"], evals[-1]["rewards"]
@@ -121,7 +122,7 @@ def check_demo_against_controls(tmp_path, control_run, control_log):
     margin = paired_gain(shuffled[-1]["rewards"], end)
     assert margin["mean"] > 0 and margin["t"] >= MIN_T_MARGIN, (gain, control, margin)
 
-    # lr 0: the weights never move, so 2 epochs show it as well as 30.
-    _, frozen = run(tmp_path / "frozen", 2, learning_rate=0.0)
+    # lr 0: the weights never move, so one update shows it as well as 30.
+    _, frozen = run(tmp_path / "frozen", 1, learning_rate=0.0)
     assert frozen[0]["rewards"] == start
     assert np.array_equal(frozen[-1]["rewards"], start), frozen

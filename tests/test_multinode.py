@@ -18,6 +18,8 @@ def cluster():
     ray = pytest.importorskip("ray")
     from ray.cluster_utils import Cluster
 
+    if ray.is_initialized():  # the other modules' shared instance (conftest.ray_instance)
+        ray.shutdown()
     c = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": False})
     nodes = {
         "sampler": c.add_node(num_cpus=2, num_gpus=1, resources={"sampler": 1}),
