@@ -144,7 +144,12 @@ def started_head(extra: tuple[str, ...] = ()):
         [
             str(BIN / "ray"), *start, "--block", f"--port={gcs}",
             "--node-ip-address=127.0.0.1", "--include-dashboard=true",
-            "--dashboard-host=127.0.0.1", f"--temp-dir={temp}", "--disable-usage-stats", *extra,
+            "--dashboard-host=127.0.0.1", f"--temp-dir={temp}", "--disable-usage-stats",
+            # Ray's agents default to fixed ports that another local instance (the suite's own,
+            # conftest.ray_instance) already holds.
+            f"--dashboard-agent-listen-port={free_port()}",
+            f"--dashboard-agent-grpc-port={free_port()}",
+            f"--runtime-env-agent-port={free_port()}", *extra,
         ],
         env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=temp,
     )  # fmt: skip
