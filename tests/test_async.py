@@ -74,6 +74,8 @@ def test_async_run_of_the_tiny_preset_trains_every_update_within_its_staleness(
             "run": {"epochs": UPDATES, "dir": tmp_path},
             "system": {"mode": "async", "max_staleness": 1},
             "heldout_prompts": (),  # tested elsewhere; here they would only cost time
+            "grid_prompts": 2,  # 8 evaluation samples: enough to see the weights moved
+            "grid_seeds": 4,
         },
     )
     history = train(config)

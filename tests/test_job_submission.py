@@ -76,7 +76,9 @@ def ray_cli(*args: str, env: dict, timeout: float = 120) -> subprocess.Completed
 def stop_head(proc: subprocess.Popen, temp: Path) -> None:
     """Stop this head and only it: its process group, then any process of its session (Ray
     workers run in their own process groups) found by the temp dir on its command line."""
-    for sig, wait in ((signal.SIGTERM, 10), (signal.SIGKILL, 5)):
+    # `ray start --block` took over 10 s to end on SIGTERM here (the suite's teardowns): give it
+    # 2 s, then kill; the scan below ends whatever of the session is left.
+    for sig, wait in ((signal.SIGTERM, 2), (signal.SIGKILL, 5)):
         try:
             os.killpg(proc.pid, sig)
         except ProcessLookupError:

@@ -35,11 +35,11 @@ def test_killed_sampler_restarts_with_newest_weights(ray_instance, small_config,
     # Sampling takes about as long as training here, so the kill lands inside a sampler call.
     config = small_config(
         system={"mode": mode},
-        run={"epochs": 4},
+        run={"epochs": 3},
         sample=SampleConfig(num_steps=20, batch_size=8, num_batches_per_epoch=2),
     )
     driver = Driver(config)
-    thread = kill_sampler_during(driver, after_epochs=2)
+    thread = kill_sampler_during(driver, after_epochs=1)
     history = driver.run()
     thread.join(timeout=10)
     assert len(history) == config.run.epochs and all(h["samples"] == 16 for h in history)
