@@ -115,13 +115,18 @@ def one_run(config: Config, shuffled: bool, reuse: bool = False) -> dict:
     }
 
 
+def study_config(
+    task: str, model: str, overrides: tuple[str, ...], epochs: int | None, eval_every: int
+) -> Config:
+    """What every run of a study shares: the task's preset with `--set` overrides, `epochs`
+    long (None: the preset's), evaluated every `eval_every` epochs, with no checkpoints."""
+    config = apply_overrides(task_config(task, model), overrides)
+    epochs = epochs if epochs is not None else config.run.epochs
+    return override(config, {"run": {"epochs": epochs, "eval_every": eval_every, "save_every": 0}})
+
+
 def main(args: Args) -> None:
-    config = task_config(args.task, args.model)
-    config = apply_overrides(config, args.set)
-    epochs = args.epochs if args.epochs is not None else config.run.epochs
-    config = override(
-        config, {"run": {"epochs": epochs, "eval_every": args.eval_every, "save_every": 0}}
-    )
+    config = study_config(args.task, args.model, args.set, args.epochs, args.eval_every)
     flat = flat_reward(config)
     results = []
     with tempfile.TemporaryDirectory() as tmp:

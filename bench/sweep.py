@@ -31,10 +31,9 @@ import tyro
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from learning import apply_overrides, flat_reward, one_run, summarize  # noqa: E402
+from learning import flat_reward, one_run, study_config, summarize  # noqa: E402
 
 from ddpo.config import override  # noqa: E402
-from ddpo.presets import task_config  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -60,10 +59,9 @@ class Args:
 
 
 def build(args: Args, items: list[str], seed: int, run_dir: Path) -> Any:
-    config = apply_overrides(task_config(args.task, "tiny"), tuple(items))
-    epochs = args.epochs if args.epochs is not None else config.run.epochs
-    changes = {"epochs": epochs, "eval_every": args.eval_every, "save_every": 0, "dir": run_dir}
-    return override(config, {"run": changes, "seed": seed, "system.device": args.device})
+    overrides = (*items, f"system.device={args.device}")
+    config = study_config(args.task, "tiny", overrides, args.epochs, args.eval_every)
+    return override(config, {"seed": seed, "run.dir": run_dir})
 
 
 def job(args: Args, items: list[str], seed: int, shuffled: bool, run_dir: Path) -> dict:
@@ -97,8 +95,8 @@ def run_jobs(args: Args, sweep: dict[str, list[str]]) -> dict[tuple[str, str, in
     start = time.time()
     results: dict[tuple[str, str, int], dict] = {}
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    log = args.out.with_suffix(".jobs.jsonl").open("w")
     with (
+        args.out.with_suffix(".jobs.jsonl").open("w") as log,
         tempfile.TemporaryDirectory() as tmp,
         ProcessPoolExecutor(args.jobs, mp_context=mp.get_context("spawn")) as pool,
     ):
@@ -131,7 +129,6 @@ def run_jobs(args: Args, sweep: dict[str, list[str]]) -> dict[tuple[str, str, in
                     f"gain {g['mean']:+.4f} (t {g['t']:+.1f}) {results[key]['seconds']:.0f}s",
                     flush=True,
                 )
-    log.close()
     return results
 
 
