@@ -21,6 +21,7 @@ import multiprocessing as mp
 import os
 import sys
 import tempfile
+import threading
 import time
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import dataclass
@@ -64,11 +65,27 @@ def build(args: Args, items: list[str], seed: int, run_dir: Path) -> Any:
     return override(config, {"seed": seed, "run.dir": run_dir})
 
 
-def job(args: Args, items: list[str], seed: int, shuffled: bool, run_dir: Path) -> dict:
+def job(
+    args: Args, items: list[str], seed: int, shuffled: bool, run_dir: Path, sweep_pid: int
+) -> dict:
     import torch
 
+    exit_with(sweep_pid)
     torch.set_num_threads(args.threads)
     return one_run(build(args, items, seed, run_dir), shuffled)
+
+
+def exit_with(sweep_pid: int) -> None:
+    """End this worker within seconds of the sweep's own end. A sweep killed from outside
+    (SIGTERM, SIGKILL) runs no cleanup, and its pool's workers would go on with their jobs,
+    taking the cores from whatever runs next."""
+
+    def watch() -> None:
+        while os.getppid() == sweep_pid:
+            time.sleep(2)
+        os._exit(1)
+
+    threading.Thread(target=watch, daemon=True, name="exit-with-sweep").start()
 
 
 def main(args: Args) -> None:
@@ -106,7 +123,9 @@ def run_jobs(args: Args, sweep: dict[str, list[str]]) -> dict[tuple[str, str, in
             while queue and len(pending) < args.jobs and not late:
                 kind, name, seed = key = queue.pop(0)
                 run_dir = Path(tmp) / f"{len(results) + len(pending)}"
-                future = pool.submit(job, args, sweep[name], seed, kind == "control", run_dir)
+                future = pool.submit(
+                    job, args, sweep[name], seed, kind == "control", run_dir, os.getpid()
+                )
                 pending[future] = key
             if late:
                 queue.clear()
