@@ -53,43 +53,52 @@ def test_async_runs_in_one_process(small_config, tmp_path):
     assert (tmp_path / "lora/pytorch_lora_weights.safetensors").is_file()
 
 
-UPDATES = 3
+UPDATES = 10
+# Measured (BENCHMARKS.md, "Async on the gaussian-init preset"): the demo preset in async mode,
+# K = 1 and 2 samplers in one process, gained on every one of seeds 0-4 by update 10, t 4.3 to
+# 9.6 on the 48 fixed evaluation samples (seed 0: t 9.6), and by update 30 on average 95% of what
+# sync gains there. In one process the samplers' calls and the updates alternate, so every
+# batch after the first update is exactly one version stale and the run is deterministic at a
+# fixed thread count: the threshold is checked against one draw.
+MIN_T_GAIN = 3.0
 
 
 @pytest.mark.slow
-def test_async_run_of_the_tiny_preset_trains_every_update_within_its_staleness(
-    ray_instance, tmp_path
-):
-    """The tiny compressibility preset in async mode (K = 1) for 3 updates: every update trains
-    num_batches_per_epoch batches at most K versions old, versions advance one per update, the
-    accounting balances, and training moved the fixed evaluation samples' reward.
+def test_async_run_of_the_demo_preset_learns_within_its_staleness(tmp_path):
+    """The tiny compressibility preset in async mode (K = 1, 2 samplers) for 10 updates: every
+    update trains num_batches_per_epoch batches at most K versions old, versions advance one per
+    update, the accounting balances, and the fixed evaluation samples' reward goes up, paired,
+    with t >= 3.
 
-    Whether the reward goes *up* is not asserted here: over 30 updates async K = 1 gained on
-    each of five seeds (BENCHMARKS.md, "Async on the current preset"), but 3 updates are too
-    few to tell a gain from noise, and an async run's batches depend on timing. Sync learning is
-    asserted, against controls, in test_e2e.py."""
+    It runs in one process, where the worst staleness (every batch one version old) is the same
+    every run; async through Ray, whose staleness depends on timing, is tested above. The
+    learning claim itself, against shuffled-advantage controls on five seeds, is the study in
+    BENCHMARKS.md; sync learning is asserted against controls in test_e2e.py."""
+    from learner.evaluation import paired_gain, read_evals
+    from learner.wiring import InProcess
+
     config = override(
         task_config("compressibility", "tiny"),
         {
-            "run": {"epochs": UPDATES, "dir": tmp_path},
-            "system": {"mode": "async", "max_staleness": 1},
-            "heldout_prompts": (),  # tested elsewhere; here they would only cost time
-            "grid_prompts": 2,  # 8 evaluation samples: enough to see the weights moved
-            "grid_seeds": 4,
+            "seed": 0,
+            "run": {"epochs": UPDATES, "dir": tmp_path, "eval_every": 0},
+            "system": {"mode": "async", "max_staleness": 1, "num_samplers": 2},
+            "heldout_prompts": (),  # tested in test_learner and test_guard: here only a cost
         },
     )
-    history = train(config)
+    history = train(config, InProcess())
     nb = config.sample.num_batches_per_epoch
     assert [r["policy_version"] for r in history] == list(range(UPDATES))
     assert all(r["staleness_max"] <= 1 for r in history)
+    assert any(r["staleness_max"] == 1 for r in history)  # async, not sync in disguise
     assert all(
         sum(v for k, v in r.items() if k.startswith("staleness/hist/")) == nb for r in history
     )
-    totals = assert_accounting(tmp_path)
-    assert totals["batches_trained"] == UPDATES * nb
-    evals = [json.loads(s) for s in (tmp_path / "eval.jsonl").read_text().splitlines()]
-    assert evals[-1]["policy_version"] == UPDATES
-    assert evals[-1]["reward_mean"] != evals[0]["reward_mean"]
+    assert assert_accounting(tmp_path)["batches_trained"] == UPDATES * nb
+    evals = read_evals(tmp_path)
+    assert [e["policy_version"] for e in (evals[0], evals[-1])] == [0, UPDATES]
+    gain = paired_gain(evals[0]["rewards"], evals[-1]["rewards"])
+    assert gain["t"] >= MIN_T_GAIN, gain
 
 
 @pytest.mark.slow
