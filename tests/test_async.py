@@ -53,19 +53,20 @@ def test_async_runs_in_one_process(small_config, tmp_path):
     assert (tmp_path / "lora/pytorch_lora_weights.safetensors").is_file()
 
 
-UPDATES = 10
+UPDATES = 5
 # Measured (BENCHMARKS.md, "Async on the gaussian-init preset"): the demo preset in async mode,
 # K = 1 and 2 samplers in one process, gained on every one of seeds 0-4 by update 10, t 4.3 to
-# 9.6 on the 48 fixed evaluation samples (seed 0: t 9.6), and by update 30 on average 95% of what
-# sync gains there. In one process the samplers' calls and the updates alternate, so every
-# batch after the first update is exactly one version stale and the run is deterministic at a
-# fixed thread count: the threshold is checked against one draw.
+# 9.6 on the 48 fixed evaluation samples, and by update 30 on average 95% of what sync gains
+# there. Seed 0, the one tested, has +0.032 (t 6.5) by update 5 (48 s; 10 updates cost the
+# suite 85 s). In one process the samplers' calls and the updates alternate, so every batch
+# after the first update is exactly one version stale and the run is deterministic at a fixed
+# thread count: the threshold is checked against one draw.
 MIN_T_GAIN = 3.0
 
 
 @pytest.mark.slow
 def test_async_run_of_the_demo_preset_learns_within_its_staleness(tmp_path):
-    """The tiny compressibility preset in async mode (K = 1, 2 samplers) for 10 updates: every
+    """The tiny compressibility preset in async mode (K = 1, 2 samplers) for 5 updates: every
     update trains num_batches_per_epoch batches at most K versions old, versions advance one per
     update, the accounting balances, and the fixed evaluation samples' reward goes up, paired,
     with t >= 3.
