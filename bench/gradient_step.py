@@ -18,6 +18,7 @@ the gradients of the two halves of the N samples is printed too (bench/gradient_
 from __future__ import annotations
 
 import json
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +34,10 @@ from ddpo.trajectory import Trajectory
 from learner.evaluation import paired_gain
 from learner.stat_tracker import PerPromptStatTracker
 from rewards.registry import make_reward
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from gradient_snr import gradient  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -66,21 +71,7 @@ def ascent_direction(
     policy: Policy, traj: Trajectory, adv: torch.Tensor, rows: slice, chunk: int
 ) -> torch.Tensor:
     """sum over rows of A_i sum_t grad log pi(x_{t-1} | x_t), flattened over the LoRA weights."""
-    params = policy.trainable_parameters()
-    for p in params:
-        p.grad = None
-    for i in range(rows.start, rows.stop, chunk):
-        sl = slice(i, min(i + chunk, rows.stop))
-        for k in range(traj.log_probs.shape[1]):
-            log_prob = policy.log_prob(
-                traj.prompt_embeds[sl],
-                traj.latents[sl, k],
-                traj.timesteps[k],
-                traj.latents[sl, k + 1],
-            )
-            (-(adv[sl] * log_prob).sum()).backward()
-    grads = [torch.zeros_like(p) if p.grad is None else p.grad for p in params]
-    return -torch.cat([g.flatten() for g in grads])
+    return -gradient(policy, traj, adv, rows, range(traj.log_probs.shape[1]), chunk)
 
 
 def set_weights(policy: Policy, flat: torch.Tensor) -> None:
