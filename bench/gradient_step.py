@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import tyro
+from torch.nn.utils import parameters_to_vector, vector_to_parameters
 
 from ddpo.config import Config
 from ddpo.policy import Policy, load_pipeline
@@ -76,15 +77,15 @@ def ascent_direction(
 
 def set_weights(policy: Policy, flat: torch.Tensor) -> None:
     with torch.no_grad():
-        offset = 0
-        for p in policy.trainable_parameters():
-            p.copy_(flat[offset : offset + p.numel()].view_as(p))
-            offset += p.numel()
+        vector_to_parameters(flat, policy.trainable_parameters())
+
+
+def score(reward_fn, traj: Trajectory, prompts: list[str]) -> np.ndarray:
+    return np.asarray(reward_fn(traj.images, prompts)[0], dtype=np.float64)
 
 
 def evaluate(policy: Policy, reward_fn, prompts: list[str], seeds: np.ndarray, chunk: int):
-    traj = sample_many(policy, prompts, seeds, chunk)
-    return np.asarray(reward_fn(traj.images, prompts)[0], dtype=np.float64)
+    return score(reward_fn, sample_many(policy, prompts, seeds, chunk), prompts)
 
 
 def probe(base, config: Config, reward_fn, seed: int, args: Args) -> dict:
@@ -98,19 +99,19 @@ def probe(base, config: Config, reward_fn, seed: int, args: Args) -> dict:
         lora_init=config.train.lora_init,
         lora_targets=config.train.lora_targets,
     )
-    start = torch.cat([p.detach().flatten().clone() for p in policy.trainable_parameters()])
+    start = parameters_to_vector(policy.trainable_parameters()).detach().clone()
     rng = np.random.default_rng(seed)
     all_prompts = list(config.prompts)
     n = args.samples
     prompts = [all_prompts[i] for i in rng.integers(len(all_prompts), size=n)]
     t0 = time.monotonic()
     traj = sample_many(policy, prompts, rng.integers(0, 2**31 - 1, size=n), args.chunk)
-    rewards = np.asarray(reward_fn(traj.images, prompts)[0], dtype=np.float64)
+    rewards = score(reward_fn, traj, prompts)
     adv = torch.as_tensor(PerPromptStatTracker(n, 4).update(prompts, rewards), dtype=torch.float32)
     half_1 = ascent_direction(policy, traj, adv, slice(0, n // 2), args.chunk)
     half_2 = ascent_direction(policy, traj, adv, slice(n // 2, n), args.chunk)
-    gradient = half_1 + half_2
-    moving = gradient != 0  # only B has a gradient while B = 0; A stays where it is
+    ascent = half_1 + half_2
+    moving = ascent != 0  # only B has a gradient while B = 0; A stays where it is
     cosine = float(torch.nn.functional.cosine_similarity(half_1, half_2, dim=0))
 
     eval_prompts = [p for p in all_prompts for _ in range(args.eval_seeds)]
@@ -120,7 +121,7 @@ def probe(base, config: Config, reward_fn, seed: int, args: Args) -> dict:
     base_rewards = evaluate(policy, reward_fn, eval_prompts, eval_seeds, args.chunk)
     lr = config.train.learning_rate
     gen = torch.Generator().manual_seed(seed + 7)
-    directions = {"gradient": torch.sign(gradient)}
+    directions = {"gradient": torch.sign(ascent)}
     for r in range(args.controls):
         shuffled = adv[torch.randperm(n, generator=gen)]
         control = ascent_direction(policy, traj, shuffled, slice(0, n), args.chunk)

@@ -16,6 +16,7 @@ import tempfile
 from pathlib import Path
 
 import torch
+from torch.nn.utils import parameters_to_vector
 
 from ddpo.config import override
 from ddpo.presets import task_config
@@ -33,9 +34,9 @@ def record_updates() -> list[torch.Tensor]:
 
     def recorded(self: Learner) -> float:
         params = self.policy.trainable_parameters()
-        before = torch.cat([p.detach().flatten().clone() for p in params])
+        before = parameters_to_vector(params).detach().clone()
         out = step(self)
-        updates.append(torch.cat([p.detach().flatten() for p in params]) - before)
+        updates.append(parameters_to_vector(params).detach() - before)
         return out
 
     Learner._optimizer_step = recorded  # type: ignore[method-assign]
