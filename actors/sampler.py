@@ -53,23 +53,28 @@ class Sampler:
         self.sequence = 0
         # Batch ids stay unique across restarts: a restarted sampler counts from 0 again.
         self.incarnation = uuid.uuid4().hex[:6]
-        self._pending: tuple[int, dict[str, torch.Tensor]] | None = None
+        # Weights to load before the next batch: ((generation, version), state).
+        self._pending: tuple[tuple[int, int], dict[str, torch.Tensor]] | None = None
         self._lock = threading.Lock()
         self.metrics = ray_actor_metrics(run_label(config.run.dir))
         self.tags = {"sampler_id": str(sampler_id)}
 
-    def set_weights(self, version: int, state: dict[str, torch.Tensor]) -> int:
-        """Queue LoRA weights of `version`; the next batch starts with them."""
+    def set_weights(self, version: int, state: dict[str, torch.Tensor], generation: int = 0) -> int:
+        """Queue LoRA weights of `version`; the next batch starts with them. Weights that arrive
+        out of order never replace newer queued ones, where newer means a later `generation`
+        (the learners replaced after a loss, restored from a checkpoint), then a later version:
+        the restored learner's older version must replace the lost learner's newest, or the
+        next batch would claim a version that the learner does not have yet."""
         with self._lock:
-            if self._pending is None or version > self._pending[0]:
-                self._pending = (version, state)
+            if self._pending is None or (generation, version) > self._pending[0]:
+                self._pending = ((generation, version), state)
         return version
 
     def _apply_pending(self) -> None:
         with self._lock:
             pending, self._pending = self._pending, None
         if pending is not None:
-            self.version, state = pending
+            (_, self.version), state = pending
             self.policy.load_lora_state_dict(state)
 
     def sample(

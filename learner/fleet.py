@@ -176,6 +176,9 @@ class Fleet:
             self.run_dir,
         )  # fmt: skip
         self.weights: tuple[Any, Any] = (None, None)  # refs of the published (version, state)
+        # Counts learners replaced from a checkpoint: their versions start again below what the
+        # samplers may still hold queued, so samplers order weights by (generation, version).
+        self.generation = 0
         self.lost_batches = 0  # batches lost with a sampler and sampled again
         self._control_mtime = 0.0
 
@@ -252,12 +255,14 @@ class Fleet:
         """New learner actors in place of a lost group (they start from their initial state)."""
         self.learners.restart()
         self.wait_started(self.learners.named())
+        self.generation += 1
 
     # ----- samplers -----
     def send_weights(self, sampler: Any) -> Any:
         version, state = self.weights
         group = "weights" if self.config.system.mode == "async" else None  # see role_options
-        return self.wiring.call(sampler, "set_weights", version, state, group=group)
+        generation = self.generation
+        return self.wiring.call(sampler, "set_weights", version, state, generation, group=group)
 
     def call_sampler(
         self, i: int, prompts: list[str], seeds: np.ndarray, min_version: int, kl: bool = False
