@@ -191,7 +191,16 @@ def tiny(config: Config) -> Config:
     seeds it gained 1.7x as much and every seed cleared t 3. lr 1.5e-2: at 3e-2 seeds diverge
     (one drifts the wrong way in its first epochs and never comes back), and 6e-2 collapses.
     The demo stops at 30 epochs.
+
+    Compressibility, the demo, trains each epoch's samples twice, each time on a random half of
+    every trajectory's steps: the same compute as one pass over all steps, but twice the
+    optimizer steps. On five seeds its 30 epochs gained 1.4x the one pass's, every seed with t
+    >= 8, and its shuffled controls lost on average; the other tasks were measured with one pass
+    and keep it.
     """
+    train = TrainConfig(learning_rate=1.5e-2, clip_range=2e-3, batch_size=32, lora_init="gaussian")
+    if config.task == "compressibility":
+        train = dataclasses.replace(train, num_inner_epochs=2, timestep_fraction=0.5)
     return dataclasses.replace(
         config,
         model="tiny",
@@ -199,9 +208,7 @@ def tiny(config: Config) -> Config:
         heldout_prompts=tiny_heldout_prompts(),
         run=dataclasses.replace(config.run, epochs=30, eval_every=10),
         sample=SampleConfig(num_steps=10, batch_size=32, num_batches_per_epoch=2),
-        train=TrainConfig(
-            learning_rate=1.5e-2, clip_range=2e-3, batch_size=32, lora_init="gaussian"
-        ),
+        train=train,
         stat_tracker=StatTrackerConfig(buffer_size=16, min_count=4),
         grid_prompts=6,
         grid_seeds=8,
