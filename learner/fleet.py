@@ -261,8 +261,9 @@ class Fleet:
     def send_weights(self, sampler: Any) -> Any:
         version, state = self.weights
         group = "weights" if self.config.system.mode == "async" else None  # see role_options
-        generation = self.generation
-        return self.wiring.call(sampler, "set_weights", version, state, generation, group=group)
+        return self.wiring.call(
+            sampler, "set_weights", version, state, self.generation, group=group
+        )
 
     def call_sampler(
         self, i: int, prompts: list[str], seeds: np.ndarray, min_version: int, kl: bool = False
