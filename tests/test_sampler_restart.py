@@ -36,7 +36,7 @@ def test_killed_sampler_restarts_with_newest_weights(ray_instance, small_config,
     config = small_config(
         system={"mode": mode},
         run={"epochs": 3},
-        sample=SampleConfig(num_steps=20, batch_size=8, num_batches_per_epoch=2),
+        sample=SampleConfig(num_steps=8, batch_size=8, num_batches_per_epoch=2),
     )
     driver = Driver(config)
     thread = kill_sampler_during(driver, after_epochs=1)
