@@ -1,3 +1,4 @@
+import functools
 import os
 
 import pytest
@@ -45,22 +46,26 @@ def ray_instance():
     with the test process."""
     ray = pytest.importorskip("ray")
     if not ray.is_initialized():
+        # As the driver's own local instance (learner/wiring.py): workers at Ray's default nice
+        # 15 all but stop while any other process keeps a core busy (a 26 s run of the
+        # alignment task had not finished after 13 minutes beside a training run).
+        os.environ.setdefault("RAY_worker_niceness", "0")
         # Logical CPUs: room for samplers, the learner and grown reward pools (actors mostly wait).
         ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False)
     return ray
 
 
-@pytest.fixture
-def small_config(tmp_path):
-    """A tiny-model config with a few steps and samples: small_config(task, **changes), the
-    changes as `ddpo.config.override` takes them (run={"epochs": 4}, grid_prompts=3)."""
+@pytest.fixture(scope="session")
+def small_config_in():
+    """small_config_in(run_dir, task, **changes): small_config in a run directory of the caller's
+    choosing, for runs that a whole module shares."""
     from ddpo.config import SampleConfig, TrainConfig, override
     from ddpo.presets import task_config
 
-    def make(task="compressibility", **changes):
+    def make(run_dir, task="compressibility", **changes):
         settings = {
             "run.epochs": 2,
-            "run.dir": tmp_path,
+            "run.dir": run_dir,
             "sample": SampleConfig(num_steps=4, batch_size=4, num_batches_per_epoch=2),
             "train": TrainConfig(learning_rate=1e-2, clip_range=0.1, batch_size=4),
             "grid_prompts": 2,
@@ -69,6 +74,13 @@ def small_config(tmp_path):
         return override(task_config(task, "tiny"), settings | changes)
 
     return make
+
+
+@pytest.fixture
+def small_config(tmp_path, small_config_in):
+    """A tiny-model config with a few steps and samples: small_config(task, **changes), the
+    changes as `ddpo.config.override` takes them (run={"epochs": 4}, grid_prompts=3)."""
+    return functools.partial(small_config_in, tmp_path)
 
 
 @pytest.fixture
