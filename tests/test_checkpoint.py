@@ -4,6 +4,7 @@ import errno
 import json
 import logging
 import re
+import shutil
 
 import pytest
 import torch
@@ -181,23 +182,31 @@ def test_a_full_disk_at_one_checkpoint_keeps_the_run_and_the_older_checkpoints(
     assert all(checkpoint.verify(p) is None for p in root.iterdir())
 
 
+@pytest.fixture(scope="module")
+def one_epoch_run(small_config_in, tmp_path_factory):
+    """A run of one checkpointed epoch, for tests to copy and tamper with."""
+    from learner.driver import train
+    from learner.wiring import InProcess
+
+    run_dir = tmp_path_factory.mktemp("one_epoch") / "run"
+    train(small_config_in(run_dir, run={"epochs": 1, "save_every": 1}), InProcess())
+    return run_dir
+
+
 @pytest.mark.parametrize(
     "logs",
     [{"../victim.txt": 0}, {"VICTIM": 0}, {"eval.jsonl": 10**9}, {"eval.jsonl": -1}, [1]],
     ids=["relative-escape", "absolute", "too-large", "negative", "not-a-mapping"],
 )
 def test_resume_refuses_a_checkpoint_that_names_other_files(
-    small_config, tmp_path, logs, cli_error
+    one_epoch_run, tmp_path, logs, cli_error
 ):
     """A tampered state.json (its manifest rewritten to match, as an attacker would) that names
     a file outside the run, or a size the log does not have: one-line refusal, nothing touched."""
-    from learner.driver import train
-    from learner.wiring import InProcess
-
     victim = tmp_path / "victim.txt"
     victim.write_text("precious\n")
     run_dir = tmp_path / "run"
-    train(small_config(run={"epochs": 1, "save_every": 1, "dir": run_dir}), InProcess())
+    shutil.copytree(one_epoch_run, run_dir)
     ckpt = checkpoint.latest(run_dir).path
     state = json.loads((ckpt / "state.json").read_text())
     if isinstance(logs, dict):  # "VICTIM" stands for the victim's absolute path
