@@ -123,7 +123,7 @@ def check_demo_against_controls(tmp_path, control_run, control_log):
     margin = paired_gain(shuffled[-1]["rewards"], end)
     assert margin["mean"] > 0 and margin["t"] >= MIN_T_MARGIN, (gain, control, margin)
 
-    # lr 0: the weights never move, so one update shows it as well as 30.
+    # lr 0: the weights never move, so one update shows it as well as all of them.
     _, frozen = run(tmp_path / "frozen", 1, learning_rate=0.0)
     assert frozen[0]["rewards"] == start
     assert np.array_equal(frozen[-1]["rewards"], start), frozen
