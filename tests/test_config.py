@@ -235,13 +235,19 @@ def test_override_and_what_a_resume_may_change():
 
 
 def test_presets_derive_with_one_tiny_scaler():
-    from ddpo.presets import TASKS, tiny
+    from ddpo.presets import TASKS, TINY_TASK_SETTINGS, tiny
 
+    assert set(TINY_TASK_SETTINGS) <= set(TASKS)
     for task, preset in TASKS.items():
         assert task_config(task, "tiny") == tiny(preset())
         small = task_config(task, "tiny")
-        assert small.model == "tiny" and small.sample.num_steps == 10 and small.run.epochs == 30
+        own = TINY_TASK_SETTINGS.get(task, {})
+        assert small.model == "tiny" and small.sample.num_steps == 10
+        assert small.run.epochs == own.get("run.epochs", 30)
         assert small.reward == preset().reward
+        for path, value in own.items():  # each task's own settings land where they name
+            section, name = path.split(".")
+            assert getattr(getattr(small, section), name) == value, (task, path)
 
 
 def test_learner_counts_that_do_not_divide_the_minibatch_stop_in_one_line(cli_error, tmp_path):
