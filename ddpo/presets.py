@@ -219,10 +219,9 @@ TWO_PASSES: dict[str, object] = {"train.num_inner_epochs": 2, "train.timestep_fr
 # - compressibility: two passes gained 1.4x one pass's in 30 epochs, every seed with t >= 8,
 #   and the controls lost on average.
 # - incompressibility: drift raises this reward; on 64 samples an epoch, two seeds of five ended
-#   at or under their shuffled controls. 128 an epoch in
-#   optimizer steps of 64, with two passes, put every run over its control by t >= 4.9 at epoch
-#   20 and the controls near zero. An epoch costs 1.9x, so the run stops at 20 epochs to stay
-#   within 10 minutes on 2 cores.
+#   at or under their shuffled controls. 128 an epoch in optimizer steps of 64, with two passes,
+#   put every run over its control by t >= 4.9 at epoch 20 and the controls near zero. An epoch
+#   costs 1.9x, so the run stops at 20 epochs to stay within 10 minutes on 2 cores.
 # - alignment: with two passes every seed ends over its control (one pass: seed 0 ended under
 #   its control, t -2.8).
 # - aesthetic keeps one pass, on which every seed beats its control.
