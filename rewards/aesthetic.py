@@ -11,6 +11,7 @@ mode the whole predictor is one affine map of the normalized embedding.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import tempfile
 from pathlib import Path
@@ -147,12 +148,14 @@ class AestheticScorer:
         self.device = resolve_device(device)
         self.dtype = getattr(torch, dtype)
         self.batch_size = batch_size
-        if clip_model == "tiny":
-            clip_model = str(build_tiny_clip(tempfile.mkdtemp(prefix="ddpo-tiny-clip-")))
-        # PIL, whether or not torchvision is installed: the preprocessing the LAION predictor
-        # was trained with, the same numbers on every machine, and no fallback warning.
-        self.processor = AutoImageProcessor.from_pretrained(clip_model, backend="pil")
-        clip = CLIPModel.from_pretrained(clip_model, dtype=self.dtype)
+        with contextlib.ExitStack() as stack:
+            if clip_model == "tiny":  # built, loaded, and its files removed
+                tmp = stack.enter_context(tempfile.TemporaryDirectory(prefix="ddpo-tiny-clip-"))
+                clip_model = str(build_tiny_clip(tmp))
+            # PIL, whether or not torchvision is installed: the preprocessing the LAION predictor
+            # was trained with, the same numbers on every machine, and no fallback warning.
+            self.processor = AutoImageProcessor.from_pretrained(clip_model, backend="pil")
+            clip = CLIPModel.from_pretrained(clip_model, dtype=self.dtype)
         self.clip = clip.to(self.device).eval()  # type: ignore[arg-type]  # transformers' .to stub
         if str(mlp_path) == "tiny":
             log.warning("aesthetic: a random tiny MLP (mlp_path=tiny); its scores mean nothing")

@@ -1,5 +1,6 @@
 """LAION aesthetic reward: the real MLP weights against numpy, on a tiny CLIP built from config."""
 
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -121,3 +122,14 @@ def test_scorer_preprocesses_with_pil_on_every_machine(scorer):
     """The image processor is chosen, not left to whether torchvision is installed (which also
     printed transformers' fallback warning): PIL, as the LAION predictor was trained."""
     assert scorer.processor.backend == "pil"
+
+
+def test_tiny_clip_leaves_no_files_behind(tmp_path, monkeypatch):
+    # clip_model="tiny" builds a CLIP on disk to load it through from_pretrained; the files
+    # must go once it is loaded, or every run of a tiny aesthetic task leaves a folder in /tmp.
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    scorer = AestheticScorer("tiny", "tiny", device="cpu")
+    rewards, _ = scorer(np.zeros((2, 32, 32, 3), np.uint8), ["a", "b"])
+    assert rewards.shape == (2,) and np.isfinite(rewards).all()
+    # (torch may put its own inductor cache there if this is the first thing to ask for tempdir)
+    assert [p.name for p in tmp_path.iterdir() if not p.name.startswith("torchinductor")] == []
