@@ -20,7 +20,9 @@ import dataclasses
 import io
 import json
 import logging
+import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,6 +47,28 @@ PROG = "python -m learner.run"
 
 INTERRUPTED = 130
 """Exit status after Ctrl-C (128 + SIGINT), as a shell reports it."""
+TERMINATED = 143
+"""Exit status after SIGTERM (128 + SIGTERM)."""
+
+
+SIGTERM_RECEIVED = threading.Event()
+"""Set when SIGTERM stopped the run: the KeyboardInterrupt it raises may reach `main` as a new
+one (Ray's `ray.get` turns any interrupt inside it into a plain KeyboardInterrupt)."""
+
+
+def stop_on_sigterm() -> None:
+    """Take SIGTERM (`kill`, `ray job stop`, a scheduler's preemption) as Ctrl-C: every layer
+    that checkpoints and shuts down on Ctrl-C then does so on SIGTERM too. Python's default
+    would end the process on the spot: no checkpoint, and a local Ray instance's agents left
+    running (its atexit hook never runs)."""
+
+    def interrupt(signum: int, frame: Any) -> None:
+        SIGTERM_RECEIVED.set()
+        raise KeyboardInterrupt("SIGTERM")
+
+    SIGTERM_RECEIVED.clear()
+    if threading.current_thread() is threading.main_thread():  # only there can it be set
+        signal.signal(signal.SIGTERM, interrupt)
 
 
 @dataclass(frozen=True)
@@ -238,22 +262,24 @@ def fail(message: str, status: int) -> NoReturn:
 
 
 def interrupted(run_dir: Path) -> NoReturn:
-    """After Ctrl-C: one line on where the run stopped and how to go on."""
+    """After Ctrl-C or SIGTERM: one line on where the run stopped and how to go on."""
+    terminated = SIGTERM_RECEIVED.is_set()
+    what, code = ("terminated", TERMINATED) if terminated else ("interrupted", INTERRUPTED)
     ckpt = checkpoint.latest(run_dir) if run_dir.is_dir() else None
     if ckpt is None:
         fail(
-            f"interrupted before the first checkpoint; nothing to resume: start again with the "
+            f"{what} before the first checkpoint; nothing to resume: start again with the "
             f"same flags and --resume-or-start --run-dir {run_dir}",
-            INTERRUPTED,
+            code,
         )
     fail(
-        f"interrupted at epoch {ckpt.epoch}; resume with: python -m learner.run --resume {run_dir}",
-        INTERRUPTED,
+        f"{what} at epoch {ckpt.epoch}; resume with: python -m learner.run --resume {run_dir}", code
     )
 
 
 def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    stop_on_sigterm()
     try:
         command = parse(argv)
         if command.print_config:

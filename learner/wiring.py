@@ -3,8 +3,12 @@ debugging, the overhead benchmark). Where each role's actors go: `learner.fleet`
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import signal
+import threading
+from collections.abc import Iterator
 from typing import Any, Protocol
 
 from ddpo.threads import actor_env
@@ -83,6 +87,22 @@ class InProcess:
         pass
 
 
+@contextlib.contextmanager
+def own_sigterm_handler() -> Iterator[None]:
+    """Keep a SIGTERM handler this process set over the one `ray.init` sets. Ray's exits on the
+    spot (no checkpoint); the driver's (`learner.run`) stops the run as Ctrl-C does, and Ray's
+    atexit hook then stops the local instance. Without a handler of our own, Ray's stays."""
+    if threading.current_thread() is not threading.main_thread():
+        yield  # neither Ray nor we can set one here
+        return
+    before = signal.getsignal(signal.SIGTERM)
+    try:
+        yield
+    finally:
+        if callable(before):
+            signal.signal(signal.SIGTERM, before)
+
+
 class OnRay:
     """Actors and ObjectRefs; the driver never touches images or trajectories."""
 
@@ -100,14 +120,16 @@ class OnRay:
         address = address or os.environ.get("RAY_ADDRESS")
         self.joined = bool(address)
         if not ray.is_initialized():
-            if address:
-                ray.init(address=address)
-            else:
-                # Ray runs workers at nice 15 by default; our actors are the work, and at nice 15
-                # a Ray daemon waking up stalls torch's threads (sampling was 6% slower).
-                os.environ.setdefault("RAY_worker_niceness", "0")
-                # Logical CPUs: in sync mode the actors take turns, so they may share the cores.
-                ray.init(num_cpus=max(os.cpu_count() or 1, min_cpus), resources=resources)
+            with own_sigterm_handler():
+                if address:
+                    ray.init(address=address)
+                else:
+                    # Ray runs workers at nice 15 by default; our actors are the work, and at
+                    # nice 15 a Ray daemon waking up stalls torch's threads (sampling was 6%
+                    # slower).
+                    os.environ.setdefault("RAY_worker_niceness", "0")
+                    # Logical CPUs: in sync mode the actors take turns, so they may share cores.
+                    ray.init(num_cpus=max(os.cpu_count() or 1, min_cpus), resources=resources)
 
     def create(self, cls: type, *args: Any, options: dict | None = None) -> Any:
         options = dict(options or {"num_cpus": 1})

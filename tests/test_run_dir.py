@@ -1,7 +1,7 @@
 """Run directories (issue 13, finding 2): a new run never writes into another run's directory;
 --resume-or-start continues a run or starts it, so a retried job (a KubeRay RayJob reruns the
 same command into the same --run-dir) ends with one coherent run; checkpoints are pruned by
-epoch number; Ctrl-C checkpoints what it can and says how to resume."""
+epoch number; Ctrl-C and SIGTERM checkpoint what they can and say how to resume."""
 
 import dataclasses
 import hashlib
@@ -186,9 +186,10 @@ def test_ctrl_c_checkpoints_the_epochs_done_and_says_how_to_resume(tmp_path, mon
 
 @pytest.mark.slow
 def test_a_retried_job_ends_with_one_coherent_run(tmp_path):
-    """What a RayJob retry does: the same command twice into one --run-dir. The first attempt
-    is killed (SIGKILL, as a lost pod) after two epochs, the second is interrupted (Ctrl-C) after
-    one more, the third finishes; the directory then holds one run, every epoch once."""
+    """What a RayJob retry does: the same command again into one --run-dir. The first attempt
+    is killed (SIGKILL, as a lost pod) after two epochs, the second is stopped (SIGTERM, as a
+    stopped or preempted pod; it checkpoints as Ctrl-C does) after one more, the third finishes;
+    the directory then holds one run, every epoch once."""
     launch = tmp_path / "launch.py"
     launch.write_text(LAUNCH)
     run_dir = tmp_path / "run"
@@ -210,10 +211,10 @@ def test_a_retried_job_ends_with_one_coherent_run(tmp_path):
     code, _ = attempt(2, signal.SIGKILL)
     assert code == -signal.SIGKILL
     config = json.loads((run_dir / "config.json").read_text())
-    code, err = attempt(1, signal.SIGINT)
-    assert code == 130 and "Traceback" not in err, err[-3000:]
+    code, err = attempt(1, signal.SIGTERM)  # what a pod gets when it is stopped or preempted
+    assert code == 143 and "Traceback" not in err, err[-3000:]
     stop = re.fullmatch(
-        r"interrupted at epoch (\d+); resume with: python -m learner.run --resume (.+)",
+        r"terminated at epoch (\d+); resume with: python -m learner.run --resume (.+)",
         err.splitlines()[-1],
     )
     assert stop and stop[2] == str(run_dir) and int(stop[1]) == checkpoint.latest(run_dir).epoch
@@ -233,3 +234,29 @@ def test_a_retried_job_ends_with_one_coherent_run(tmp_path):
     assert checkpoint.latest(run_dir).metrics == metrics
     assert json.loads((run_dir / "config.json").read_text()) == config
     assert (run_dir / "lora" / "pytorch_lora_weights.safetensors").is_file()
+
+
+def test_ray_init_keeps_the_drivers_own_sigterm_handler():
+    """ray.init sets a SIGTERM handler that exits on the spot; the driver's own (a checkpoint,
+    then Ray's atexit hook stops the local instance) must survive it. A process without a
+    handler of its own keeps Ray's."""
+    from learner.wiring import own_sigterm_handler
+
+    def ours(signum, frame):
+        pass
+
+    def rays(signum, frame):
+        pass
+
+    previous = signal.getsignal(signal.SIGTERM)
+    try:
+        signal.signal(signal.SIGTERM, ours)
+        with own_sigterm_handler():
+            signal.signal(signal.SIGTERM, rays)  # what ray.init does
+        assert signal.getsignal(signal.SIGTERM) is ours
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        with own_sigterm_handler():
+            signal.signal(signal.SIGTERM, rays)
+        assert signal.getsignal(signal.SIGTERM) is rays
+    finally:
+        signal.signal(signal.SIGTERM, previous)
