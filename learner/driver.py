@@ -178,9 +178,9 @@ class Driver(Session):
         return kept, len(batches) - len(kept)
 
     def save_interrupted(self) -> None:
-        """After Ctrl-C or SIGTERM: checkpoint the epochs done, unless one is already saved or the learner
-        was inside an update (sync mode; an async run goes on from its last checkpoint). The
-        unfinished epoch's samples are cut from samples.jsonl first."""
+        """After Ctrl-C or SIGTERM: checkpoint the epochs done, unless one is already saved or
+        the learner was inside an update (sync mode; an async run goes on from its last
+        checkpoint). The unfinished epoch's samples are cut from samples.jsonl first."""
         if self.resumable is None or not self.config.run.save_every:
             return
         (done, logged), self.resumable = self.resumable, None
