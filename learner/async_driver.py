@@ -1,10 +1,17 @@
 """Async mode: samplers never wait for the learner, the learner never waits for a full epoch.
 
-Each sampler keeps `max_inflight` calls going; every finished batch is scored by the reward
+The samplers work while the learner trains; every finished batch is scored by the reward
 actors and queued. Whenever the learner is idle and `num_batches_per_epoch` scored batches are
 queued, it trains on them; a batch sampled with version v is trained by version c only if
 c - v <= max_staleness, else it is dropped and counted. The importance ratio uses the behaviour
 log-probs recorded at sampling time, so the staleness is corrected, not ignored.
+
+Backpressure: a sampler call starts only when the next update will train its batch (`room`).
+The queue, counting calls in flight, holds at most one update's batches, and a call starts
+during an update only if max_staleness >= 1 (its batch will be one version old). So no batch is
+sampled to be dropped, the samplers leave the cores to the learner when they are ahead, and
+the weights a publish sends do not queue behind calls whose batches nobody will train. Each
+sampler still has at most `max_inflight` calls.
 
 Accounting: every batch id is either trained once, dropped (stale or non-finite reward) or left
 unused at the end; `batches_sampled = batches_trained + batches_dropped_* + batches_unused`.
@@ -130,9 +137,11 @@ class AsyncDriver:
         c, s, nb = self.config, self.session, self.config.sample.num_batches_per_epoch
         while len(s.history) < c.run.epochs and not s.stop_reason:  # or the guard fired
             self.fleet.resize_rewards()
-            for i in range(len(self.fleet.samplers)):
-                while self.inflight[i] < c.system.max_inflight:
-                    self.submit(i)
+            for _ in range(self.room()):
+                i = min(range(len(self.inflight)), key=self.inflight.__getitem__)
+                if self.inflight[i] >= c.system.max_inflight:
+                    break
+                self.submit(i)
             # The update first: in one process every call has returned, and it must not starve.
             updating = self.update.waiting if self.update is not None else []
             waiting = updating + [list(p.scores.values())[-1] for p in self.pending]
@@ -147,13 +156,20 @@ class AsyncDriver:
                 self.pending.remove(p)
                 self.receive(p)
             self.drop_stale()
-            # Bounded queue: keep at most what the next max_staleness + 1 updates can use.
-            overflow = max(0, len(self.ready) - nb * (c.system.max_staleness + 1))
-            if overflow:
-                self.ready = self.ready[overflow:]
-                self.count_dropped("batches_dropped_stale", overflow)
             if self.update is None and len(self.ready) >= nb and len(s.history) < c.run.epochs:
                 self.start_update()
+
+    def room(self) -> int:
+        """How many sampler calls to start now: those whose batches the next update will train.
+        The samplers hold the published version, so a call started now samples with it. If no
+        update runs, the next one is trained by that version; if one runs, by the next version,
+        so its batch is one version old, and with max_staleness 0 it would be dropped. No call
+        starts for an update the run will not make."""
+        c, nb = self.config, self.config.sample.num_batches_per_epoch
+        updates_left = c.run.epochs - len(self.session.history) - (self.update is not None)
+        if updates_left <= 0 or (self.update is not None and c.system.max_staleness == 0):
+            return 0
+        return max(0, nb - len(self.ready) - len(self.pending))
 
     def submit(self, i: int) -> None:
         if self.state.retry:
