@@ -281,7 +281,8 @@ class SystemConfig:
     """async: a batch sampled with version v may train version v + k for k <= max_staleness;
     older batches are dropped and counted."""
     max_inflight: int = 2
-    """async: sampler calls in flight per sampler (backpressure)."""
+    """async: the most sampler calls in flight per sampler; the driver starts only calls whose
+    batches the next update will train."""
     reward_workers: Annotated[tuple[str, ...], alias("--reward-workers")] = ()
     """Reward actors per reward at start, NAME=N (default 1 each), e.g. aesthetic=4."""
     reward_workers_range: Annotated[tuple[str, ...], alias("--reward-workers-range")] = ()

@@ -9,8 +9,7 @@ log-probs recorded at sampling time, so the staleness is corrected, not ignored.
 Backpressure: a sampler call starts only when the next update will train its batch (`room`).
 The queue, counting calls in flight, holds at most one update's batches, and a call starts
 during an update only if max_staleness >= 1 (its batch will be one version old). So no batch is
-sampled to be dropped, the samplers leave the cores to the learner when they are ahead, and
-the weights a publish sends do not queue behind calls whose batches nobody will train. Each
+sampled to be dropped, and samplers that are ahead leave their cores to the learner. Each
 sampler still has at most `max_inflight` calls.
 
 Accounting: every batch id is either trained once, dropped (stale or non-finite reward) or left
