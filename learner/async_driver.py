@@ -1,9 +1,10 @@
 """Async mode: the samplers sample while the learner trains, and the learner never waits for
 a full epoch.
 
-Every finished batch is scored by the reward actors and queued. Whenever the learner is idle and `num_batches_per_epoch` scored batches are
-queued, it trains on them; a batch sampled with version v is trained by version c only if
-c - v <= max_staleness, else it is dropped and counted. The importance ratio uses the behaviour
+Every finished batch is scored by the reward actors and queued. Whenever the learner is idle
+and `num_batches_per_epoch` scored batches are queued, it trains on them; a batch sampled with
+version v is trained by version c only if c - v <= max_staleness, else it is dropped and
+counted. The importance ratio uses the behaviour
 log-probs recorded at sampling time, so the staleness is corrected, not ignored.
 
 Backpressure: a sampler call starts only when the next update will train its batch (`room`).

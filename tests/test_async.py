@@ -63,10 +63,10 @@ UPDATES = 5
 # K = 1 and 2 samplers in one process, gained on every one of seeds 0-4 by update 10, t 3.6 to
 # 8.6 on the 48 fixed evaluation samples. With backpressure (no batch sampled to be dropped,
 # so the batch cursor moves on differently) seed 0's draw at 5 updates is +0.028, t 6.0.
-# 5 updates keep the test at about 90 s on the slower machines. In one process the samplers' calls and
-# the updates alternate, so every batch after the first update is exactly one version stale
-# and the run is deterministic at a fixed thread count: the threshold is checked against one
-# draw.
+# 5 updates keep the test at about 90 s on the slower machines. In one process the samplers'
+# calls and the updates alternate, so every batch after the first update is exactly one
+# version stale and the run is deterministic at a fixed thread count: the threshold is checked
+# against one draw.
 MIN_T_GAIN = 3.0
 
 
