@@ -233,20 +233,20 @@ class Learner:
                 [torch.randperm(t_total, generator=self.generator) for _ in range(b)]
             )
             plan.append((minibatches, steps))
+        accumulate = cfg.gradient_accumulation_steps if importance_sampling else len(plan[0][0])
+        # Decoupled PPO clips stale samples around the weights the update starts from. Until the
+        # first optimizer step, training's own forward passes run under exactly those weights
+        # and give those log-probs; the pairs trained only after it are computed up front.
+        decoupled = importance_sampling and cfg.decoupled
         anchor = traj.log_probs  # what the ratio is clipped around
-        if importance_sampling and cfg.decoupled:
-            mine = torch.cat(
-                [mb[self._share(mb)[0]] for minibatches, _ in plan for mb in minibatches]
-            )
-            stale = mine[staleness[mine] > 0].unique()
-            anchor = self._proximal_log_probs(traj, stale)
-        for minibatches, steps in plan:
-            accumulate = (
-                cfg.gradient_accumulation_steps if importance_sampling else len(minibatches)
-            )
+        if decoupled:
+            later = self._stale_pairs_after_first_step(plan, staleness, n_steps, accumulate)
+            anchor = self._proximal_log_probs(traj, later)
+        for p, (minibatches, steps) in enumerate(plan):
             for i, minibatch in enumerate(minibatches):
                 part, share = self._share(minibatch)
                 idx = minibatch[part]  # this rank's samples (all of them, alone)
+                before_first_step = decoupled and p == 0 and i < accumulate
                 for k in range(n_steps if len(idx) else 0):
                     step = steps[idx, k]  # [b] step index per sample
                     with self.policy.threads.step(("train", len(idx))):
@@ -257,6 +257,9 @@ class Learner:
                             traj.latents[idx, step + 1],
                             kl_to_base=cfg.kl_coef > 0,
                         )
+                        if before_first_step:
+                            stale = staleness[idx] > 0
+                            anchor[idx[stale], step[stale]] = log_prob.detach()[stale].cpu()
                         # The batch stays on the CPU; the loss is computed on the model's device.
                         old = anchor[idx, step].to(log_prob.device)
                         adv_idx = adv[idx].to(log_prob.device)
@@ -299,20 +302,38 @@ class Learner:
         metrics |= {f"staleness/{k}": float(np.mean(v)) for k, v in by_staleness.items()}
         return metrics
 
+    def _stale_pairs_after_first_step(
+        self, plan: list, staleness: torch.Tensor, n_steps: int, accumulate: int
+    ) -> torch.Tensor:
+        """[B, T]: the (sample, step) pairs of stale samples that this rank trains after the
+        update's first optimizer step (`plan`'s first `accumulate` minibatches come before it)
+        and not before it: the pairs whose proximal log-probs must be computed up front."""
+        before, after = (torch.zeros(plan[0][1].shape, dtype=torch.bool) for _ in range(2))
+        for p, (minibatches, steps) in enumerate(plan):
+            for i, minibatch in enumerate(minibatches):
+                rows = minibatch[self._share(minibatch)[0]]
+                rows = rows[staleness[rows] > 0]
+                pairs = before if p == 0 and i < accumulate else after
+                pairs[rows.unsqueeze(1), steps[rows, :n_steps]] = True
+        return after & ~before
+
     @torch.no_grad()
-    def _proximal_log_probs(self, traj: Trajectory, rows: torch.Tensor) -> torch.Tensor:
-        """The epoch's log-probs [B, T], with those of `rows` recomputed under the weights the
-        update starts from (decoupled PPO's proximal policy)."""
+    def _proximal_log_probs(self, traj: Trajectory, needed: torch.Tensor) -> torch.Tensor:
+        """The epoch's log-probs [B, T], with the `needed` [B, T] ones recomputed under the
+        weights the update starts from (decoupled PPO's proximal policy), in calls of up to a
+        training minibatch of (sample, step) pairs, each pair with its own timestep."""
         anchor = traj.log_probs.clone()
-        for chunk in rows.split(self.config.train.batch_size) if len(rows) else ():
-            for t in range(anchor.shape[1]):
-                with self.policy.threads.step(("proximal", len(chunk))):
-                    anchor[chunk, t] = self.policy.log_prob(
-                        traj.prompt_embeds[chunk],
-                        traj.latents[chunk, t],
-                        traj.timesteps[t],
-                        traj.latents[chunk, t + 1],
-                    ).cpu()
+        rows, steps = needed.nonzero(as_tuple=True)
+        size = self.config.train.batch_size
+        for start in range(0, len(rows), size):
+            r, t = rows[start : start + size], steps[start : start + size]
+            with self.policy.threads.step(("proximal", len(r))):
+                anchor[r, t] = self.policy.log_prob(
+                    traj.prompt_embeds[r],
+                    traj.latents[r, t],
+                    traj.timesteps[t],
+                    traj.latents[r, t + 1],
+                ).cpu()
         return anchor
 
     def _reward_weighted_regression(

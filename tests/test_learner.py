@@ -12,6 +12,8 @@ import torch
 from ddpo.config import ConfigError, SampleConfig, StatTrackerConfig, TrainConfig, override
 from ddpo.policy import Policy
 from ddpo.presets import task_config
+from ddpo.trajectory import Trajectory
+from learner import losses
 from learner.driver import train
 from learner.learner import Learner
 from learner.wiring import InProcess
@@ -168,6 +170,73 @@ def test_decoupled_ppo_clips_a_stale_batch_around_the_current_weights(tiny_pipe,
         assert first["is_weight"] == 1.0  # fresh samples: plain PPO
     else:
         assert metrics["staleness/1/clipfrac"] > 0.5 and "is_weight" not in metrics
+
+
+def test_decoupled_ppo_anchors_every_stale_term_at_the_starting_weights(tiny_pipe, monkeypatch):
+    """Two passes of two minibatches on half the steps, one batch fresh and one stale: every
+    term of a stale sample is clipped around its log-prob under the weights the update started
+    from, whether the learner took it from training's own forward pass (before the first
+    optimizer step) or computed it up front; fresh samples keep their sampler's log-probs. The
+    reference is a frozen copy of the starting policy, fed the very inputs of each term."""
+    config = small_config(
+        learning_rate=3e-2, decoupled=True, num_inner_epochs=2, timestep_fraction=0.5
+    )
+    learner = make_learner(tiny_pipe, config)
+    prompts = list(config.prompts[:4])
+    first = learner.policy.sample(prompts, [0, 1, 2, 3], batch_id="0-0")
+    stale = learner.policy.sample(prompts, [4, 5, 6, 7], batch_id="0-1")
+    learner.update(np.array([1, -1, 1, -1.0]), np.zeros(4), first)  # to version 1
+    fresh = learner.policy.sample(prompts, [8, 9, 10, 11], policy_version=1, batch_id="1-0")
+    start = copy.deepcopy(learner.policy)  # the proximal policy of the next update
+
+    inputs, anchors, pairs = [], [], []
+    forward, loss = learner.policy.log_prob_and_kl, losses.ddpo_is_loss
+    upfront = learner._proximal_log_probs
+
+    def record_forward(*args, **kwargs):
+        if torch.is_grad_enabled():  # training's terms, not the proximal pass up front
+            inputs.append(args)
+        return forward(*args, **kwargs)
+
+    def record_loss(log_prob, old_log_prob, *args, **kwargs):
+        anchors.append(old_log_prob.clone())
+        return loss(log_prob, old_log_prob, *args, **kwargs)
+
+    def record_upfront(traj, needed):
+        pairs.append(int(needed.sum()))
+        return upfront(traj, needed)
+
+    monkeypatch.setattr(learner.policy, "log_prob_and_kl", record_forward)
+    monkeypatch.setattr(losses, "ddpo_is_loss", record_loss)
+    monkeypatch.setattr(learner, "_proximal_log_probs", record_upfront)
+    metrics = learner.update(np.array([1, -1, 1, -1, 1, -1, 1, -1.0]), np.zeros(8), stale, fresh)
+    assert metrics["staleness_max"] == 1 and metrics["policy_version"] == 2
+
+    # 2 passes x 2 minibatches x 2 of the 4 steps; per term the minibatch's 4 samples.
+    assert len(inputs) == len(anchors) == 8
+    traj = Trajectory.concat([stale, fresh])
+    stale_pairs: list[set] = [set() for _ in inputs]  # each term's stale (sample, step) pairs
+    for call, ((embeds, latents, timesteps, next_latents), anchor) in enumerate(
+        zip(inputs, anchors, strict=True)
+    ):
+        with torch.no_grad():
+            proximal = start.log_prob(embeds, latents, timesteps, next_latents)
+        for j in range(len(latents)):
+            # The term's sample and step: where its input latents sit in the trajectories.
+            where = (traj.latents[:, :-1] == latents[j]).flatten(2).all(-1).nonzero()
+            assert len(where) == 1
+            row, step = where[0].tolist()
+            if row < len(stale):  # stale: the starting weights' log-prob
+                torch.testing.assert_close(anchor[j], proximal[j], rtol=0, atol=1e-5)
+                stale_pairs[call].add((row, step))
+            else:  # fresh: the sampler's own
+                assert anchor[j] == traj.log_probs[row, step]
+    # Every stale sample's 2 steps in each of the 2 passes.
+    assert sum(len(p) for p in stale_pairs) == 16
+    # Up front, only the pairs trained after the first optimizer step (after the first
+    # minibatch: the first 2 terms) that were not trained before it.
+    before = set().union(*stale_pairs[:2])
+    assert pairs == [len(set().union(*stale_pairs[2:]) - before)] and before
 
 
 def test_decoupled_ppo_trains_fresh_batches_bit_for_bit_as_plain(tiny_pipe):
