@@ -15,11 +15,9 @@ the first decoupled one's. Prints a table and writes bench/results/decoupled_upd
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import importlib.util
 import subprocess
-import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -31,7 +29,6 @@ import torch
 import tyro
 from common import describe, machine, markdown_table, write_json
 
-from ddpo.policy import Policy, load_pipeline
 from ddpo.presets import task_config
 from learner.learner import Learner
 
@@ -66,24 +63,13 @@ def learner_at(commit: str) -> type:
 def main(args: Args) -> None:
     torch.set_num_threads(args.threads)
     base = task_config(args.task, "tiny")
-    pipe = load_pipeline("tiny")
     s = base.sample
 
     def make(cls: type, decoupled: bool) -> Any:
-        config = dataclasses.replace(
-            base, train=dataclasses.replace(base.train, decoupled=decoupled)
+        """A learner of `cls` that builds its own policy, as the learner actor does."""
+        return cls(
+            dataclasses.replace(base, train=dataclasses.replace(base.train, decoupled=decoupled))
         )
-        policy = Policy(
-            copy.deepcopy(pipe),
-            s.num_steps,
-            s.guidance_scale,
-            s.eta,
-            base.train.lora_rank,
-            seed=base.seed,
-            lora_init=base.train.lora_init,
-            lora_targets=base.train.lora_targets,
-        )
-        return cls(config, policy=policy)
 
     learners: dict[str, tuple[type, bool]] = {
         "plain": (Learner, False),
@@ -142,4 +128,4 @@ def main(args: Args) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main(tyro.cli(Args)))
+    main(tyro.cli(Args))
