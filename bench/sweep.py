@@ -57,6 +57,9 @@ class Args:
     sweep killed from outside keeps them (summarise them with --from-jobs)."""
     from_jobs: Path | None = None
     """Run nothing: summarise this .jobs.jsonl."""
+    resume: bool = False
+    """Keep the jobs OUT.jobs.jsonl already holds (a sweep killed or cut short) and run only
+    the others, appending to it."""
 
 
 def build(args: Args, items: list[str], seed: int, run_dir: Path) -> Any:
@@ -108,12 +111,17 @@ def read_jobs(path: Path) -> dict[tuple[str, str, int], dict]:
 def run_jobs(args: Args, sweep: dict[str, list[str]]) -> dict[tuple[str, str, int], dict]:
     kinds = ("run", "control") if args.control else ("run",)
     queue = [(k, n, s) for k in kinds for n in sweep for s in args.seeds]
+    jobs_file = args.out.with_suffix(".jobs.jsonl")
+    results: dict[tuple[str, str, int], dict] = {}
+    if args.resume and jobs_file.exists():
+        results = {k: r for k, r in read_jobs(jobs_file).items() if k in queue}
+        queue = [key for key in queue if key not in results]
+        print(f"resuming: {len(results)} jobs done, {len(queue)} to run", flush=True)
     os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
     start = time.time()
-    results: dict[tuple[str, str, int], dict] = {}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     with (
-        args.out.with_suffix(".jobs.jsonl").open("w") as log,
+        jobs_file.open("a" if args.resume else "w") as log,
         tempfile.TemporaryDirectory() as tmp,
         ProcessPoolExecutor(args.jobs, mp_context=mp.get_context("spawn")) as pool,
     ):
