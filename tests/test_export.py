@@ -10,7 +10,7 @@ import torch
 
 from ddpo.lora import save_lora
 from ddpo.policy import Policy
-from ddpo.presets import task_config
+from ddpo.presets import EVERY_LAYER, task_config
 from learner.export import ExportError, check_run_dir, export_lora, main
 
 SEEDS = [11, 12]
@@ -20,8 +20,17 @@ SEEDS = [11, 12]
 def trained(tiny_pipe, tmp_path_factory):
     """A fake finished run: a Policy with random LoRA weights saved the way learner.run saves it."""
     config = task_config("compressibility", "tiny")
-    s = config.sample
-    policy = Policy(copy.deepcopy(tiny_pipe), s.num_steps, s.guidance_scale, s.eta, 4)
+    s, t = config.sample, config.train
+    policy = Policy(
+        copy.deepcopy(tiny_pipe),
+        s.num_steps,
+        s.guidance_scale,
+        s.eta,
+        t.lora_rank,
+        # Attention, feed-forward and convolutions in one file: a file that mixed diffusers'
+        # old key names (the attention's) with peft's (the rest) lost the attention on loading.
+        lora_targets=EVERY_LAYER,
+    )
     gen = torch.Generator().manual_seed(0)
     for p in policy.trainable_parameters():
         p.data = 0.1 * torch.randn(p.shape, generator=gen)
