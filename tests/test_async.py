@@ -62,15 +62,15 @@ def test_async_runs_in_one_process(small_config, tmp_path):
 UPDATES = 5
 # The settings of the async studies (BENCHMARKS.md, "Async on the two-pass preset"): the
 # compressibility preset with its adapters on the attention layers alone, at lr 1.5e-2, as the
-# preset was until it moved them onto every layer at lr 3e-3 (which starts slower: at epoch 10
-# of the sync study two seeds of five were still below their start, "A CPU screen past 60
-# epochs, and the new compressibility preset"). In async mode, K = 1 and 2 samplers in one process, every one of seeds 0-4
-# gained by update 10, t 3.6 to 8.6 on the 48 fixed evaluation samples; with backpressure (no
-# batch sampled to be dropped, so the batch cursor moves on differently) seed 0's draw at 5
-# updates is +0.028, t 6.0. 5 updates keep the test at about 90 s on the slower machines. In one
-# process the samplers' calls and the updates alternate, so every batch after the first update
-# is exactly one version stale and the run is deterministic at a fixed thread count: the
-# threshold is checked against one draw.
+# preset was until it moved them onto every layer at lr 3e-3 (which starts slower: at epoch 10 of
+# the sync study two seeds of five were still below their start, "A CPU screen past 60 epochs, and
+# the new compressibility preset"). In async mode, K = 1 and 2 samplers in one process, every one
+# of seeds 0-4 gained by update 10, t 3.6 to 8.6 on the 48 fixed evaluation samples; with
+# backpressure (no batch sampled to be dropped, so the batch cursor moves on differently) seed 0's
+# draw at 5 updates is +0.028, t 6.0. 5 updates keep the test at about 90 s on the slower
+# machines. In one process the samplers' calls and the updates alternate, so every batch after the
+# first update is exactly one version stale and the run is deterministic at a fixed thread count:
+# the threshold is checked against one draw.
 ATTENTION_ADAPTERS = {"train.lora_targets": tuple(LORA_TARGETS), "train.learning_rate": 1.5e-2}
 MIN_T_GAIN = 3.0
 
