@@ -99,14 +99,14 @@ class TrainConfig:
     """For A < 0 the IS loss is capped at dual_clip * |A| (dual-clip PPO); 0 turns it off. On
     policy ratios stay near 1 and it never acts; it keeps stale async batches whose ratio
     exploded from taking over an update."""
-    decoupled: bool = False
+    decoupled: bool = True
     """Decoupled PPO for stale (async) samples: clip around the learner's weights at the start
     of the update rather than the sampler's, and weight by the ratio of the two (Hilton et al.
     2021). Costs one forward pass per stale (sample, step) pair trained after the update's
     first optimizer step and not before it (those before take it from training's own forward
     pass); fresh samples, so every sync run, train bit for bit as without it. Through Ray on
-    five seeds, async K = 1 gained 87-89% of sync's gain at 30 updates with it and 70% without;
-    off by default, since it is noisier early (BENCHMARKS.md, "Decoupled PPO, a second draw")."""
+    five seeds of the demo preset, async K = 1 gained 96% of sync's gain at 80 updates with it
+    and 86% without (BENCHMARKS.md, "Async through Ray on the every-layer preset, decoupled")."""
     timestep_fraction: float = 1.0
     """Fraction of each trajectory's (shuffled) steps trained on."""
     lora_rank: int = 4
