@@ -106,7 +106,8 @@ class TrainConfig:
     first optimizer step and not before it (those before take it from training's own forward
     pass); fresh samples, so every sync run, train bit for bit as without it. Through Ray on
     five seeds of the demo preset, async K = 1 gained 96% of sync's gain at 80 updates with it
-    and 86% without (BENCHMARKS.md, "Async through Ray on the every-layer preset, decoupled")."""
+    (89% of sync's through Ray) and 86% (80%) without (BENCHMARKS.md, "Sync through Ray, the
+    same five seeds")."""
     timestep_fraction: float = 1.0
     """Fraction of each trajectory's (shuffled) steps trained on."""
     lora_rank: int = 4
