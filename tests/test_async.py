@@ -63,9 +63,9 @@ UPDATES = 5
 # 2 samplers, decoupled PPO. In one process the samplers' calls and the updates alternate, so
 # every batch after the first update is exactly one version stale and the run is deterministic
 # at a fixed thread count: the threshold is checked against one draw. That draw (seed 0): +0.028
-# with t 6.4 at 5 updates (with its held-out prompts: +0.025, t 5.9 by update 4; +0.038, t 6.4
-# by update 8). Through Ray, on five seeds against sync: BENCHMARKS.md, "Async through Ray on
-# the every-layer preset, decoupled".
+# with t 6.4 at 5 updates (a run of 8 evaluated every 4: +0.025, t 5.9 at 4; +0.038, t 6.4 at
+# 8). Through Ray, on five seeds against sync: BENCHMARKS.md, "Async through Ray on the
+# every-layer preset, decoupled" and "Sync through Ray, the same five seeds".
 MIN_T_GAIN = 3.0
 
 
