@@ -30,8 +30,10 @@ from typing import Any, Literal
 import numpy as np
 import tyro
 from common import describe, machine, markdown_table, write_json
+from sweep import read_jobs
 
 from learner.evaluation import paired_gain, read_evals
+from learner.report import METRICS_FILE, read_metrics
 
 
 @dataclass(frozen=True)
@@ -64,8 +66,7 @@ def command(args: Args, seed: int, run_dir: Path) -> list[str]:
 
 
 def finished(run_dir: Path) -> bool:
-    path = run_dir / "eval.jsonl"
-    return path.is_file() and any(json.loads(s)["when"] == "end" for s in path.open())
+    return (run_dir / "eval.jsonl").is_file() and read_evals(run_dir)[-1]["when"] == "end"
 
 
 def gains_by_epoch(evals: list[dict]) -> dict[int, float]:
@@ -89,12 +90,11 @@ def sync_gains(path: Path, name: str, task: str) -> dict[int, dict[int, float]]:
         if not gains:
             raise SystemExit(f"--sync {path} holds no finished {task}-sS-run directories")
         return gains
-    gains: dict[int, dict[int, float]] = {}
-    for line in path.read_text().splitlines():
-        job = json.loads(line)
-        if job["kind"] != "run" or job["name"] != name:
-            continue
-        gains[int(job["seed"])] = gains_by_epoch(job["result"]["evals"])
+    gains = {
+        int(seed): gains_by_epoch(result["evals"])
+        for (kind, job_name, seed), result in read_jobs(path).items()
+        if kind == "run" and job_name == name
+    }
     if not gains:
         raise SystemExit(f"--sync {path} holds no runs named {name!r}; see --sync-name")
     return gains
@@ -102,7 +102,7 @@ def sync_gains(path: Path, name: str, task: str) -> dict[int, dict[int, float]]:
 
 def accounting(run_dir: Path) -> dict[str, Any]:
     """From metrics.jsonl: staleness of the trained batches, the batch totals, time and load."""
-    rows = [json.loads(s) for s in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    rows = read_metrics(run_dir / METRICS_FILE)
     hist: dict[str, int] = {}
     for row in rows:
         for key, count in row.items():
