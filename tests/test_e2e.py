@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from ddpo.config import override
 from ddpo.presets import task_config
@@ -128,3 +129,38 @@ def check_demo_against_controls(tmp_path, control_run, control_log):
     _, frozen = run(tmp_path / "frozen", 1, learning_rate=0.0)
     assert frozen[0]["rewards"] == start
     assert np.array_equal(frozen[-1]["rewards"], start), frozen
+
+
+def test_a_sync_run_through_ray_is_the_in_process_run_bit_for_bit(
+    small_config_in, tmp_path, ray_instance
+):
+    """What lets this file and bench/learning.py measure learning in one process: with fixed
+    thread counts (DDPO_THREADS=fixed, conftest.py), a sync run of the demo's training settings
+    through Ray (samplers, reward workers and learner as actors) samples the same rewards,
+    trains the same LoRA weights and evaluates the same samples as in one process, bit for bit.
+    Runs of either path that differ in their last digits only differ in their thread counts."""
+    from safetensors.torch import load_file
+
+    from learner.driver import train
+
+    demo = task_config("compressibility", "tiny").train
+    runs = {}
+    for name, wiring in (("ray", None), ("one process", InProcess())):
+        run_dir = tmp_path / name.replace(" ", "_")
+        config = small_config_in(
+            run_dir,
+            train=dataclasses.replace(demo, batch_size=4),
+            **{"run.epochs": 3, "run.eval_every": 2},
+        )
+        history = train(config, wiring)
+        lora = load_file(run_dir / "lora" / "pytorch_lora_weights.safetensors")
+        runs[name] = history, read_evals(run_dir), lora
+
+    (ray_history, ray_evals, ray_lora), (history, evals, lora) = runs["ray"], runs["one process"]
+    for key in ("reward_mean", "loss", "approx_kl", "clipfrac"):
+        assert [h[key] for h in ray_history] == [h[key] for h in history], key
+    assert [e["when"] for e in evals] == ["start", 2, "end"]
+    assert [e["rewards"] for e in ray_evals] == [e["rewards"] for e in evals]
+    assert evals[-1]["rewards"] != evals[0]["rewards"]  # the weights moved
+    assert ray_lora.keys() == lora.keys()
+    assert all(torch.equal(ray_lora[k], lora[k]) for k in lora)
