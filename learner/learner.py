@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 from collections import defaultdict
 from typing import Any
@@ -15,8 +16,12 @@ from ddpo.threads import ThreadGovernor
 from ddpo.trajectory import Trajectory
 from learner import checkpoint, distributed, losses
 
-UPDATE_METRICS = ("loss", "approx_kl", "clipfrac", "dualclipfrac", "grad_norm", "kl_base")
+UPDATE_METRICS = (
+    "loss", "approx_kl", "clipfrac", "dualclipfrac", "grad_norm", "kl_base", "skipped_steps",
+)  # fmt: skip
 """What the driver logs of each update's metrics (besides the staleness breakdown)."""
+
+log = logging.getLogger(__name__)
 
 
 class Learner:
@@ -167,6 +172,7 @@ class Learner:
             )
         for group in self.optimizer.param_groups:
             group["lr"] = self.learning_rate()
+        self.skipped_steps = 0  # optimizer steps of this update skipped for a non-finite gradient
         algorithm = self.config.train.algorithm
         if algorithm in ("ddpo_is", "ddpo_sf"):
             metrics = self._policy_gradient(
@@ -177,6 +183,7 @@ class Learner:
         self.trained_batches.update(b.batch_id for b in batches)
         self.version += 1
         metrics["policy_version"] = self.version
+        metrics["skipped_steps"] = self.skipped_steps
         metrics["staleness_mean"] = float(staleness.float().mean())
         metrics["staleness_max"] = int(staleness.max())
         return metrics
@@ -195,7 +202,14 @@ class Learner:
         if self.world > 1:  # the group's gradient: the sum of the ranks' shares
             distributed.all_reduce_grads(params)
         norm = torch.nn.utils.clip_grad_norm_(params, self.config.train.max_grad_norm)
-        self.optimizer.step()
+        # A non-finite gradient (a log-prob that overflowed on a sample far off the policy)
+        # would make every weight NaN and AdamW's moments with them: the step is skipped and
+        # counted instead. Every rank of a group sees the same reduced norm, so all skip alike.
+        if torch.isfinite(norm):
+            self.optimizer.step()
+        else:
+            self.skipped_steps += 1
+            log.warning("optimizer step skipped: the gradient norm is %s", float(norm))
         self.optimizer.zero_grad(set_to_none=True)
         return float(norm)
 

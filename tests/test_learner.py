@@ -61,6 +61,39 @@ def test_update_moves_weights_and_bumps_version(tiny_pipe, algorithm):
         assert 0 <= metrics["clipfrac"] <= 1 and metrics["approx_kl"] >= 0
 
 
+def test_an_optimizer_step_with_a_non_finite_gradient_is_skipped_and_counted(tiny_pipe):
+    """A log-prob that overflowed (seen in async runs: a stale sample far off the policy, on a
+    denoising step with a small sigma) makes its minibatch's gradient NaN. That step is skipped:
+    the weights and AdamW's moments stay finite, and the update's other step is still taken."""
+    config = small_config()
+    learner = make_learner(tiny_pipe, config)
+    prompts = [config.prompts[i % len(config.prompts)] for i in range(8)]
+    batches = [
+        learner.policy.sample(prompts[:4], [0, 1, 2, 3], batch_id="0-0"),
+        learner.policy.sample(prompts[4:], [4, 5, 6, 7], batch_id="0-1"),
+    ]
+    original, calls = learner.policy.log_prob_and_kl, []
+
+    def first_call_overflows(*args, **kwargs):
+        log_prob, kl = original(*args, **kwargs)
+        calls.append(1)
+        return (log_prob * float("nan") if len(calls) == 1 else log_prob), kl
+
+    learner.policy.log_prob_and_kl = first_call_overflows
+    _, before = learner.weights()
+    rewards = np.linspace(-1, 1, 8).astype(np.float32)
+    metrics = learner.update(rewards, rewards, *batches)
+    tensors, _ = learner.state()
+    assert metrics["skipped_steps"] == 1  # of the update's two (8 samples, minibatches of 4)
+    assert all(torch.isfinite(v).all() for k, v in tensors.items() if k != "rng.generator")
+    _, after = learner.weights()
+    assert any(not torch.equal(before[k], after[k]) for k in before)  # the second step
+    assert learner.update(rewards, rewards, *[
+        learner.policy.sample(prompts[:4], [8, 9, 10, 11], batch_id="1-0", policy_version=1),
+        learner.policy.sample(prompts[4:], [12, 13, 14, 15], batch_id="1-1", policy_version=1),
+    ])["skipped_steps"] == 0  # fmt: skip
+
+
 def test_zero_learning_rate_leaves_weights(tiny_pipe):
     config = small_config(learning_rate=0.0)
     learner = make_learner(tiny_pipe, config)
