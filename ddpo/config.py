@@ -99,15 +99,17 @@ class TrainConfig:
     """For A < 0 the IS loss is capped at dual_clip * |A| (dual-clip PPO); 0 turns it off. On
     policy ratios stay near 1 and it never acts; it keeps stale async batches whose ratio
     exploded from taking over an update."""
-    decoupled: bool = True
+    decoupled: bool = False
     """Decoupled PPO for stale (async) samples: clip around the learner's weights at the start
     of the update rather than the sampler's, and weight by the ratio of the two (Hilton et al.
     2021). Costs one forward pass per stale (sample, step) pair trained after the update's
     first optimizer step and not before it (those before take it from training's own forward
-    pass); fresh samples, so every sync run, train bit for bit as without it. Through Ray on
-    five seeds of the demo preset, async K = 1 gained 96% of sync's gain at 80 updates with it
-    (89% of sync's through Ray) and 86% (80%) without (BENCHMARKS.md, "Sync through Ray, the
-    same five seeds")."""
+    pass); fresh samples, so every sync run, train bit for bit as without it. Off by default:
+    on the demo preset through Ray it gained 89-96% of sync's gain in one draw of five seeds,
+    but in a second draw three runs of four had approx_kl spikes of 0.2 to 637 and one diverged
+    to NaN, where plain PPO's run of the worst seed had none (BENCHMARKS.md, "Decoupled PPO
+    through Ray, a second draw: unstable"). Plain PPO leaves a stale sample whose ratio is
+    already outside the clip range out of the gradient; decoupled PPO trains on it again."""
     timestep_fraction: float = 1.0
     """Fraction of each trajectory's (shuffled) steps trained on."""
     lora_rank: int = 4
