@@ -1,12 +1,14 @@
 """Pool repeated draws of the same runs: async against sync at equal trained samples, per seed.
 
-    python bench/pool_draws.py \
-        --sync bench/results/learning_sync_ray_every_layer.json bench/results/sync_ray_draw2.json \
+    python bench/pool_draws.py --sync bench/results/sweep_cpu_11.jobs.jsonl \
+        bench/results/learning_sync_ray_every_layer.json \
+        bench/results/learning_sync_ray_every_layer_draw2.json \
         --async bench/results/learning_async_ray_every_layer_decoupled.json \
-                bench/results/async_ray_decoupled_draw2.json
+        bench/results/learning_async_ray_every_layer_decoupled_draw2.json
 
-A run through Ray is not reproducible bit for bit (thread counts and timing change the order of
-floating-point sums, and training amplifies the difference), so two runs of the same seed are two
+A run through Ray is not reproducible bit for bit (the thread counts that its samplers and learner
+settle on, and in async mode the timing, change the order of floating-point sums, and training
+amplifies the difference), so two runs of the same seed are two
 draws of its gain. Each --sync and --async file is one draw of every seed: a JSON file written by
 `bench/async_ray.py` (its runs' own gains, sync or async), or a `bench/sweep.py` OUT.jobs.jsonl
 (its runs named --sync-name). For each arm it averages a seed's draws, then compares the arms
