@@ -119,6 +119,9 @@ def accounting(run_dir: Path) -> dict[str, Any]:
         "run_wall_seconds": last.get("wall_seconds"),
         "busy_learner": last.get("busy/learner"),
         "busy_sampler": last.get("busy/sampler"),
+        # After the first updates (where clipping starts from zero), a spike here marks an
+        # update that moved the policy far on the samples it trained (decoupled PPO's instability).
+        "approx_kl_max_after_5": max((r["approx_kl"] for r in rows[5:]), default=None),
     }
 
 
@@ -170,7 +173,8 @@ def main(args: Args) -> None:
             [r["seed"], end.get("sync_gain")]
             + [by_epoch[e]["gain"]["mean"] for e in epochs]
             + [end["gain"]["t"], end.get("async_over_sync"), end["heldout_gain"]["mean"]
-               if "heldout_gain" in end else None, r["staleness_hist"], r["run_wall_seconds"]]
+               if "heldout_gain" in end else None, r["staleness_hist"], r["approx_kl_max_after_5"],
+               r["run_wall_seconds"]]
         )  # fmt: skip
     ratios = [r["evals"][-1].get("async_over_sync") for r in results]
     sync_end = [r["evals"][-1].get("sync_gain") for r in results]
@@ -188,7 +192,7 @@ def main(args: Args) -> None:
     facts = machine()
     print(describe(facts))
     header = ["seed", "sync gain"] + [f"async at {e}" for e in epochs]
-    header += ["t", "async / sync", "held-out", "staleness", "run s"]
+    header += ["t", "async / sync", "held-out", "staleness", "largest approx_kl", "run s"]
     print(markdown_table(header, table))
     print(json.dumps(summary, indent=2))
     write_json(
