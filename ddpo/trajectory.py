@@ -8,6 +8,11 @@ import numpy as np
 import torch
 
 
+class NonFiniteLogProbs(ValueError):
+    """A sampled trajectory's log-probs are NaN or infinite: the weights that sampled it have
+    diverged. (A plain message, so that it pickles through Ray as it is.)"""
+
+
 @dataclass
 class Trajectory:
     """B trajectories of T denoising steps, all sampled with one policy version.
@@ -45,7 +50,10 @@ class Trajectory:
                 f"{self.images.shape}"
             )
         if not torch.isfinite(self.log_probs).all():
-            raise ValueError(f"Trajectory {self.batch_id} has non-finite log-probs")
+            raise NonFiniteLogProbs(
+                f"Trajectory {self.batch_id} (policy version {self.policy_version}) has "
+                "non-finite log-probs"
+            )
 
     def __len__(self) -> int:
         return len(self.prompts)

@@ -33,6 +33,7 @@ import tyro
 from ddpo.config import Config, ConfigError, Task, override, resumable_changes
 from ddpo.policy import ModelLoadError
 from ddpo.presets import read_prompt_file, task_config
+from ddpo.trajectory import NonFiniteLogProbs
 from learner import checkpoint
 from learner.checkpoint import Checkpoint, CheckpointError
 from learner.driver import Driver, checked_log_cuts, train  # noqa: F401  (Driver: the API)
@@ -261,6 +262,17 @@ def fail(message: str, status: int) -> NoReturn:
     raise SystemExit(status)
 
 
+def diverged(err: BaseException, run_dir: Path) -> str:
+    """What to say when a sampler drew non-finite log-probs: the weights have diverged."""
+    return (
+        f"a sampler drew non-finite log-probs ({err}): the weights have diverged. The approx_kl "
+        f"of the last updates in {run_dir / 'metrics.jsonl'} shows when; the checkpoints in "
+        f"{run_dir / 'checkpoints'} hold earlier weights. Start again with a lower "
+        "--learning-rate or a smaller --train.clip-range (in async mode, without "
+        "--train.decoupled)"
+    )
+
+
 def interrupted(run_dir: Path) -> NoReturn:
     """After Ctrl-C or SIGTERM: one line on where the run stopped and how to go on."""
     terminated = SIGTERM_RECEIVED.is_set()
@@ -302,6 +314,8 @@ def main(argv: list[str] | None = None) -> None:
         fail(f"error: {err}", 2)
     except (LearnerLost, RewardBroken) as err:
         fail(f"error: {err}", 1)
+    except NonFiniteLogProbs as err:  # through Ray, a RayTaskError that is also one
+        fail(f"error: {diverged(getattr(err, 'cause', err), Path(str(config.run.dir)))}", 1)
     except ActorsPending as err:  # the cluster cannot hold the run: nothing ran, fix and rerun
         fail(f"error: {err}", 2)
     except KeyboardInterrupt:

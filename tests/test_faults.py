@@ -217,3 +217,44 @@ def test_a_missing_model_stops_before_anything_is_written(small_config, tmp_path
     with pytest.raises(ModelLoadError, match="neither `tiny`, an existing directory"):
         train(small_config(model="./no/such/model", run={"dir": run_dir}), InProcess())
     assert not run_dir.exists()
+
+
+def test_weights_that_diverged_stop_the_run_in_one_line_saying_what_to_change(
+    tmp_path, monkeypatch, capsys
+):
+    """A sampler that draws non-finite log-probs (weights diverged, as one decoupled async run
+    through Ray did) stops the run with exit status 1 and one line naming the batch, where to
+    look and what to change, not a traceback; the checkpoints written before stay."""
+    import ddpo.policy
+    from learner.learner import Learner
+    from learner.run import main
+
+    step, update, diverged = ddpo.policy.ddim_step_with_log_prob, Learner.update, []
+
+    def step_after_the_first_update(*args, **kwargs):
+        x, log_prob = step(*args, **kwargs)
+        return x, log_prob * float("nan") if diverged else log_prob
+
+    def first_update_diverges(self, *args, **kwargs):
+        diverged.append(True)
+        return update(self, *args, **kwargs)
+
+    monkeypatch.setattr(ddpo.policy, "ddim_step_with_log_prob", step_after_the_first_update)
+    monkeypatch.setattr(Learner, "update", first_update_diverges)
+    run_dir = tmp_path / "run"
+    argv = [
+        "--task", "compressibility", "--model", "tiny", "--epochs", "3", "--run-dir",
+        str(run_dir), "--in-process", "--eval-every", "0", "--sample.num-steps", "4",
+        "--sample.batch-size", "4", "--sample.num-batches-per-epoch", "2",
+        "--train.batch-size", "4", "--grid-prompts", "2", "--grid-seeds", "2",
+        "--save-every", "1",
+    ]  # fmt: skip
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as stopped:
+        main(argv)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert stopped.value.code == 1, err
+    assert len(err) == 1 and err[0].startswith("error: a sampler drew non-finite log-probs"), err
+    assert "(policy version 1)" in err[0] and "--learning-rate" in err[0]
+    assert str(run_dir / "metrics.jsonl") in err[0]
+    assert checkpoint.checkpoints(run_dir)  # what ran before is kept
