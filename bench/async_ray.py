@@ -77,6 +77,15 @@ def gains_by_epoch(evals: list[dict]) -> dict[int, float]:
     return {e[epoch]: paired_gain(start, e["rewards"])["mean"] for e in evals[1:]}
 
 
+def study_gains(path: Path, name: str) -> dict[int, dict[int, float]]:
+    """seed -> epoch -> paired mean gain of the runs named `name` in a bench/sweep.py jobs file."""
+    return {
+        int(seed): gains_by_epoch(result["evals"])
+        for (kind, job_name, seed), result in read_jobs(path).items()
+        if kind == "run" and job_name == name
+    }
+
+
 def sync_gains(path: Path, name: str, task: str) -> dict[int, dict[int, float]]:
     """seed -> epoch -> the sync run's paired mean gain at that epoch's evaluation."""
     if path.is_dir():  # run directories written with --mode sync
@@ -90,11 +99,7 @@ def sync_gains(path: Path, name: str, task: str) -> dict[int, dict[int, float]]:
         if not gains:
             raise SystemExit(f"--sync {path} holds no finished {task}-sS-run directories")
         return gains
-    gains = {
-        int(seed): gains_by_epoch(result["evals"])
-        for (kind, job_name, seed), result in read_jobs(path).items()
-        if kind == "run" and job_name == name
-    }
+    gains = study_gains(path, name)
     if not gains:
         raise SystemExit(f"--sync {path} holds no runs named {name!r}; see --sync-name")
     return gains

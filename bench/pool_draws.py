@@ -26,9 +26,8 @@ from typing import Annotated
 
 import numpy as np
 import tyro
-from async_ray import gains_by_epoch
+from async_ray import study_gains
 from common import machine, markdown_table, write_json
-from sweep import read_jobs
 
 
 @dataclass(frozen=True)
@@ -47,11 +46,7 @@ class Args:
 def draw(path: Path, epoch: int, name: str) -> dict[int, float]:
     """seed -> the paired mean gain at `epoch` in one draw (one file)."""
     if path.suffix == ".jsonl":  # a study's jobs file
-        gains = {
-            int(seed): gains_by_epoch(result["evals"]).get(epoch)
-            for (kind, job, seed), result in read_jobs(path).items()
-            if kind == "run" and job == name
-        }
+        gains = {seed: curve.get(epoch) for seed, curve in study_gains(path, name).items()}
     else:  # bench/async_ray.py's output
         gains = {
             r["seed"]: next((e["gain"]["mean"] for e in r["evals"] if e["epoch"] == epoch), None)

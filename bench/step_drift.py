@@ -6,12 +6,12 @@ Samples --samples trajectories of the task's prompts under the LoRA weights of c
 --start, then scores each transition under checkpoint --end's: per denoising step, half the mean
 square and the largest magnitude of the change of log-prob. A step where a small change of the
 weights moves log-probs by many nats is where stale samples' importance ratios explode.
-Runs in one process on the CPU; the runs' checkpoints must still be there (--keep-checkpoints).
+Runs in one process on the CPU; the runs' checkpoints must still be there (--keep-checkpoints),
+and pass their manifests' checks.
 """
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,10 +19,9 @@ import numpy as np
 import torch
 import tyro
 from common import markdown_table
-from safetensors.torch import load_file
 
 from ddpo.policy import Policy, load_pipeline
-from learner.checkpoint import check_state, checkpoint_dir
+from learner import checkpoint
 
 
 @dataclass(frozen=True)
@@ -35,14 +34,16 @@ class Args:
     """The first sample's noise seed; the others follow."""
 
 
-def lora(run: Path, epoch: int) -> dict[str, torch.Tensor]:
-    tensors = load_file(checkpoint_dir(run) / f"epoch-{epoch:06d}" / "learner.safetensors")
-    return {k.removeprefix("lora."): v for k, v in tensors.items() if k.startswith("lora.")}
+def lora(ckpt: checkpoint.Checkpoint) -> dict[str, torch.Tensor]:
+    return {k.removeprefix("lora."): v for k, v in ckpt.tensors.items() if k.startswith("lora.")}
 
 
 def drift(run: Path, args: Args) -> list[list]:
-    state = json.loads((checkpoint_dir(run) / f"epoch-{args.start:06d}" / "state.json").read_text())
-    config = check_state(state)
+    start, end = (
+        checkpoint.load(checkpoint.checkpoint_dir(run) / f"epoch-{epoch:06d}")
+        for epoch in (args.start, args.end)
+    )
+    config = checkpoint.check_state(start.state, start.path)
     s, t = config.sample, config.train
     policy = Policy(
         load_pipeline(config.model), s.num_steps, s.guidance_scale, s.eta, t.lora_rank,
@@ -51,9 +52,9 @@ def drift(run: Path, args: Args) -> list[list]:
     prompts = [config.prompts[i % len(config.prompts)] for i in range(args.samples)]
     rows = []
     with torch.no_grad():
-        policy.load_lora_state_dict(lora(run, args.start))
+        policy.load_lora_state_dict(lora(start))
         traj = policy.sample(prompts, list(range(args.seed, args.seed + args.samples)))
-        policy.load_lora_state_dict(lora(run, args.end))
+        policy.load_lora_state_dict(lora(end))
         for k, timestep in enumerate(traj.timesteps.tolist()):
             log_prob = policy.log_prob(
                 traj.prompt_embeds,
