@@ -110,6 +110,10 @@ class TrainConfig:
     to NaN, where plain PPO's run of the worst seed had none (BENCHMARKS.md, "Decoupled PPO
     through Ray, a second draw: unstable"). Plain PPO leaves a stale sample whose ratio is
     already outside the clip range out of the gradient; decoupled PPO trains on it again."""
+    is_weight_max: float = 2.0
+    """Decoupled PPO: a stale transition whose pi_prox / pi_behaviour lies outside
+    [1 / is_weight_max, is_weight_max] is left out of the gradient (the policy has moved too far
+    on it since sampling to say anything about the proximal policy)."""
     timestep_fraction: float = 1.0
     """Fraction of each trajectory's (shuffled) steps trained on."""
     lora_rank: int = 4
@@ -127,6 +131,11 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if not 0 < self.timestep_fraction <= 1:
             raise ConfigError(f"train.timestep_fraction={self.timestep_fraction} must be in (0, 1]")
+        if not self.is_weight_max > 1:
+            raise ConfigError(
+                f"train.is_weight_max={self.is_weight_max} must be > 1: the range of "
+                "pi_prox / pi_behaviour kept is [1 / is_weight_max, is_weight_max]"
+            )
         if self.learning_rate < 0:
             raise ConfigError(f"train.learning_rate={self.learning_rate} must be >= 0")
         if self.kl_coef < 0:

@@ -18,6 +18,7 @@ from learner import checkpoint, distributed, losses
 
 UPDATE_METRICS = (
     "loss", "approx_kl", "clipfrac", "dualclipfrac", "grad_norm", "kl_base", "skipped_steps",
+    "is_weight", "is_weight_max", "is_dropfrac",
 )  # fmt: skip
 """What the driver logs of each update's metrics (besides the staleness breakdown)."""
 
@@ -291,6 +292,7 @@ class Learner:
                                 cfg.adv_clip_max,
                                 cfg.dual_clip,
                                 behaviour_log_prob=behaviour,
+                                is_weight_max=cfg.is_weight_max,
                             )
                         else:
                             loss = losses.ddpo_sf_loss(log_prob, adv_idx, cfg.adv_clip_max)
@@ -312,6 +314,8 @@ class Learner:
                 if (i + 1) % accumulate == 0 or i + 1 == len(minibatches):
                     stats["grad_norm"].append(self._optimizer_step())
         metrics = {key: float(np.mean(values)) for key, values in stats.items()}
+        if "is_weight_max" in stats:
+            metrics["is_weight_max"] = float(np.max(stats["is_weight_max"]))
         metrics |= self.policy.threads.share()
         metrics |= {f"staleness/{k}": float(np.mean(v)) for k, v in by_staleness.items()}
         return metrics
