@@ -17,7 +17,7 @@ import torch
 
 from actors.metrics import ray_actor_metrics, run_label
 from ddpo.config import Config
-from ddpo.policy import Policy, load_pipeline
+from ddpo.policy import Policy
 from ddpo.threads import ThreadGovernor
 from ddpo.trajectory import Trajectory
 
@@ -35,15 +35,7 @@ class Sampler:
         adaptive_threads: bool = False,
     ):
         self.sampler_id = sampler_id
-        self.policy = Policy(
-            load_pipeline(config.model, config.system.device),
-            num_steps=config.sample.num_steps,
-            guidance_scale=config.sample.guidance_scale,
-            eta=config.sample.eta,
-            lora_rank=config.train.lora_rank,
-            lora_init=config.train.lora_init,
-            lora_targets=config.train.lora_targets,
-        )
+        self.policy = Policy.from_config(config)
         # Threads per step, measured (ddpo.threads); set again at every step, since torch's
         # count is per OS thread and a threaded actor runs methods off its __init__ thread.
         self.policy.threads = ThreadGovernor(

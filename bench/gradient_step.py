@@ -20,7 +20,7 @@ from __future__ import annotations
 import json
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -89,16 +89,7 @@ def evaluate(policy: Policy, reward_fn, prompts: list[str], seeds: np.ndarray, c
 
 
 def probe(base, config: Config, reward_fn, seed: int, args: Args) -> dict:
-    policy = Policy(
-        base,
-        num_steps=config.sample.num_steps,
-        guidance_scale=config.sample.guidance_scale,
-        eta=config.sample.eta,
-        lora_rank=config.train.lora_rank,
-        seed=seed,
-        lora_init=config.train.lora_init,
-        lora_targets=config.train.lora_targets,
-    )
+    policy = Policy.from_config(replace(config, seed=seed), base)
     start = parameters_to_vector(policy.trainable_parameters()).detach().clone()
     rng = np.random.default_rng(seed)
     all_prompts = list(config.prompts)

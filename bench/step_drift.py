@@ -44,11 +44,7 @@ def drift(run: Path, args: Args) -> list[list]:
         for epoch in (args.start, args.end)
     )
     config = checkpoint.check_state(start.state, start.path)
-    s, t = config.sample, config.train
-    policy = Policy(
-        load_pipeline(config.model), s.num_steps, s.guidance_scale, s.eta, t.lora_rank,
-        seed=config.seed, lora_init=t.lora_init, lora_targets=t.lora_targets,
-    )  # fmt: skip
+    policy = Policy.from_config(config, load_pipeline(config.model))
     prompts = [config.prompts[i % len(config.prompts)] for i in range(args.samples)]
     rows = []
     with torch.no_grad():

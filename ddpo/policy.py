@@ -13,7 +13,7 @@ import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -30,6 +30,9 @@ from ddpo.ddim import (
 )
 from ddpo.threads import ThreadGovernor
 from ddpo.trajectory import Trajectory
+
+if TYPE_CHECKING:
+    from ddpo.config import Config
 
 log = logging.getLogger(__name__)
 
@@ -163,6 +166,22 @@ class Policy:
         self.scheduler: DDIMScheduler = pipe.scheduler
         self.scheduler.set_timesteps(num_steps, device="cpu")
         self.uncond_embeds = self.encode_prompts([""])  # [1, L, D]
+
+    @classmethod
+    def from_config(cls, config: Config, pipe: StableDiffusionPipeline | None = None) -> Policy:
+        """The policy a run's config describes: its model (loaded on the configured device unless
+        `pipe` is given), sampling settings and LoRA, with LoRA's A drawn from the run's seed."""
+        s, t = config.sample, config.train
+        return cls(
+            pipe if pipe is not None else load_pipeline(config.model, config.system.device),
+            num_steps=s.num_steps,
+            guidance_scale=s.guidance_scale,
+            eta=s.eta,
+            lora_rank=t.lora_rank,
+            seed=config.seed,
+            lora_init=t.lora_init,
+            lora_targets=t.lora_targets,
+        )
 
     # ----- weights -----
     def trainable_parameters(self) -> list[torch.nn.Parameter]:

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from ddpo.config import Config
-from ddpo.policy import Policy, load_pipeline
+from ddpo.policy import Policy
 from ddpo.threads import ThreadGovernor
 from ddpo.trajectory import Trajectory
 from learner import checkpoint, distributed, losses
@@ -41,16 +41,7 @@ class Learner:
     ):
         self.config = config
         cfg = config.train
-        self.policy = policy or Policy(
-            load_pipeline(config.model, config.system.device),
-            num_steps=config.sample.num_steps,
-            guidance_scale=config.sample.guidance_scale,
-            eta=config.sample.eta,
-            lora_rank=cfg.lora_rank,
-            seed=config.seed,
-            lora_init=cfg.lora_init,
-            lora_targets=cfg.lora_targets,
-        )
+        self.policy = policy or Policy.from_config(config)
         # Threads per training step, measured (ddpo.threads), set again at every step.
         self.policy.threads = ThreadGovernor(
             threads, adaptive=adaptive_threads and config.system.device == "cpu"

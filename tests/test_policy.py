@@ -1,6 +1,7 @@
 """Sampling with log-probs on the tiny model, and recomputing them (the ratio-1 invariant)."""
 
 import copy
+import dataclasses
 
 import numpy as np
 import pytest
@@ -8,6 +9,7 @@ import torch
 
 from ddpo import ddim
 from ddpo.policy import ModelLoadError, Policy, load_pipeline
+from ddpo.presets import task_config
 
 PROMPTS = ["a red circle on a plain background", "a blue square on a striped background"] * 2
 
@@ -137,3 +139,21 @@ def test_kl_to_base_is_zero_at_start_and_matches_a_separate_base_model(tiny_pipe
         kl_to_base=True,
     )
     assert step_kl.requires_grad and torch.isfinite(lp).all()
+
+
+def test_from_config_builds_the_policy_its_config_describes(tiny_pipe):
+    """Sampler and learner build their policy from the run's config: same steps, guidance, eta,
+    LoRA rank, targets and init, and LoRA's A drawn from the run's seed."""
+    config = dataclasses.replace(task_config("compressibility", "tiny"), seed=5)
+    s, t = config.sample, config.train
+    built = Policy.from_config(config, copy.deepcopy(tiny_pipe))
+    by_hand = Policy(
+        copy.deepcopy(tiny_pipe), s.num_steps, s.guidance_scale, s.eta, t.lora_rank,
+        seed=5, lora_init=t.lora_init, lora_targets=t.lora_targets,
+    )  # fmt: skip
+    ours, theirs = built.lora_state_dict(), by_hand.lora_state_dict()
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+    assert torch.equal(built.scheduler.timesteps, by_hand.scheduler.timesteps)
+    assert (built.guidance_scale, built.eta) == (s.guidance_scale, s.eta)
+    other_seed = Policy.from_config(dataclasses.replace(config, seed=6), copy.deepcopy(tiny_pipe))
+    assert not all(torch.equal(ours[k], other_seed.lora_state_dict()[k]) for k in ours)
