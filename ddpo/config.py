@@ -110,6 +110,11 @@ class TrainConfig:
     to NaN, where plain PPO's run of the worst seed had none (BENCHMARKS.md, "Decoupled PPO
     through Ray, a second draw: unstable"). Plain PPO leaves a stale sample whose ratio is
     already outside the clip range out of the gradient; decoupled PPO trains on it again."""
+    target_kl: float = 0.0
+    """Early stop: an update's optimizer step whose minibatches' approx_kl (their log-probs
+    against the ones the update started from) exceeds target_kl is not taken, and the update
+    ends there (its first step is always taken); 0 turns it off. It caps how far one update can
+    move the policy when the log-probs of low-noise steps get very sensitive to the weights."""
     is_weight_max: float = 2.0
     """Decoupled PPO: a stale transition whose pi_prox / pi_behaviour lies outside
     [1 / is_weight_max, is_weight_max] is left out of the gradient (the policy has moved too far
@@ -131,6 +136,8 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if not 0 < self.timestep_fraction <= 1:
             raise ConfigError(f"train.timestep_fraction={self.timestep_fraction} must be in (0, 1]")
+        if not self.target_kl >= 0:
+            raise ConfigError(f"train.target_kl={self.target_kl} must be >= 0 (0 turns it off)")
         if not self.is_weight_max > 1:
             raise ConfigError(
                 f"train.is_weight_max={self.is_weight_max} must be > 1: the range of "

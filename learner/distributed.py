@@ -83,6 +83,13 @@ def all_reduce_grads(params: Sequence[torch.Tensor]) -> None:
             g.copy_(part.view_as(g))
 
 
+def all_reduce_sum(values: Sequence[float]) -> list[float]:
+    """The sums over the ranks of a few scalars (float64: every rank gets the same bits)."""
+    flat = torch.tensor(list(values), dtype=torch.float64)
+    dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+    return flat.tolist()
+
+
 def shard(n: int, rank: int, world: int) -> slice:
     """The positions of rank's share of a minibatch of n samples: contiguous, sizes differing by
     at most one, together exactly 0..n-1."""

@@ -18,7 +18,7 @@ from learner import checkpoint, distributed, losses
 
 UPDATE_METRICS = (
     "loss", "approx_kl", "clipfrac", "dualclipfrac", "grad_norm", "kl_base", "skipped_steps",
-    "is_weight", "is_weight_max", "is_dropfrac",
+    "early_stopped", "is_weight", "is_weight_max", "is_dropfrac",
 )  # fmt: skip
 """What the driver logs of each update's metrics (besides the staleness breakdown)."""
 
@@ -248,7 +248,11 @@ class Learner:
         if decoupled:
             later = self._stale_pairs_after_first_step(plan, staleness, n_steps, accumulate)
             anchor = self._proximal_log_probs(traj, later)
+        window_kl = [0.0, 0.0]  # sum of 0.5 diff^2 and terms since the last optimizer step
+        stopped = False  # by target_kl
         for p, (minibatches, steps) in enumerate(plan):
+            if stopped:
+                break
             for i, minibatch in enumerate(minibatches):
                 part, share = self._share(minibatch)
                 idx = minibatch[part]  # this rank's samples (all of them, alone)
@@ -296,6 +300,8 @@ class Learner:
                     stats["loss"].append(loss.item())
                     with torch.no_grad():  # per-sample diagnostics, grouped by staleness
                         diff = log_prob.detach() - old
+                        window_kl[0] += 0.5 * float((diff.double() ** 2).sum())
+                        window_kl[1] += len(diff)
                         clipped = (torch.exp(diff) - 1).abs() > cfg.clip_range
                         for j, k in enumerate(staleness[idx].tolist()):
                             by_staleness[f"{k}/approx_kl"].append(0.5 * diff[j].item() ** 2)
@@ -303,13 +309,28 @@ class Learner:
                     for key, value in info.items():
                         stats[key].append(value.item())
                 if (i + 1) % accumulate == 0 or i + 1 == len(minibatches):
+                    if stats["grad_norm"] and self._too_far(window_kl):
+                        self.optimizer.zero_grad(set_to_none=True)
+                        stopped = True
+                        break
                     stats["grad_norm"].append(self._optimizer_step())
+                    window_kl = [0.0, 0.0]
         metrics = {key: float(np.mean(values)) for key, values in stats.items()}
+        metrics["early_stopped"] = float(stopped)
         if "is_weight_max" in stats:
             metrics["is_weight_max"] = float(np.max(stats["is_weight_max"]))
         metrics |= self.policy.threads.share()
         metrics |= {f"staleness/{k}": float(np.mean(v)) for k, v in by_staleness.items()}
         return metrics
+
+    def _too_far(self, window_kl: list[float]) -> bool:
+        """Whether the terms since the last optimizer step moved past train.target_kl (their
+        mean 0.5 diff^2 over every rank's terms), so that the update stops before this step."""
+        target = self.config.train.target_kl
+        if not target:
+            return False
+        total, count = distributed.all_reduce_sum(window_kl) if self.world > 1 else window_kl
+        return count > 0 and total / count > target
 
     def _stale_pairs_after_first_step(
         self, plan: list, staleness: torch.Tensor, n_steps: int, accumulate: int

@@ -94,6 +94,38 @@ def test_an_optimizer_step_with_a_non_finite_gradient_is_skipped_and_counted(tin
     ])["skipped_steps"] == 0  # fmt: skip
 
 
+@pytest.mark.parametrize("target_kl, steps", [(1e-12, 1), (0.0, 4), (1e6, 4)])
+def test_target_kl_ends_an_update_before_a_step_that_moved_too_far(tiny_pipe, target_kl, steps):
+    """8 samples in minibatches of 4, two inner epochs: four optimizer steps. With a target the
+    second step's minibatch surely exceeds (1e-12), the update takes its first step alone and
+    ends: its weights are those of a learner whose optimizer took the first step and ignored
+    the rest, and no gradient is left over. Off (0), or far above any move (1e6), all four."""
+    config = small_config(learning_rate=3e-2, num_inner_epochs=2, target_kl=target_kl)
+    prompts = [config.prompts[i % len(config.prompts)] for i in range(8)]
+    rewards = np.linspace(-1, 1, 8).astype(np.float32)
+    learners = [make_learner(tiny_pipe, config) for _ in range(2)]
+    reference = learners[1]
+    reference.config = dataclasses.replace(
+        config, train=dataclasses.replace(config.train, target_kl=0.0)
+    )
+    taken = [[], []]
+    for learner, counter in zip(learners, taken, strict=True):
+        step = learner.optimizer.step
+        learner.optimizer.step = lambda *a, step=step, counter=counter: (
+            counter.append(1) or (step(*a) if len(counter) <= steps else None)
+        )
+    batches = [
+        learners[0].policy.sample(prompts[:4], [0, 1, 2, 3], batch_id="0-0"),
+        learners[0].policy.sample(prompts[4:], [4, 5, 6, 7], batch_id="0-1"),
+    ]
+    metrics = [learner.update(rewards, rewards, *batches) for learner in learners]
+    assert len(taken[0]) == steps and len(taken[1]) == 4
+    assert metrics[0]["early_stopped"] == float(steps == 1) and metrics[1]["early_stopped"] == 0
+    (_, ours), (_, theirs) = learners[0].weights(), learners[1].weights()
+    assert all(torch.equal(ours[k], theirs[k]) for k in ours)
+    assert all(p.grad is None for p in learners[0].policy.trainable_parameters())
+
+
 def test_zero_learning_rate_leaves_weights(tiny_pipe):
     config = small_config(learning_rate=0.0)
     learner = make_learner(tiny_pipe, config)

@@ -74,8 +74,13 @@ def test_two_gloo_learners_update_as_one_learner(ray_instance, tmp_path):
     # The paper's LoRA learning rate: AdamW divides each gradient element by its own scale, so
     # the roundoff of summing shards (1e-7 relative) can move a near-zero element by up to lr:
     # one learner with 1 and with 2 threads differs by 2.5e-6 here, the group by about as much.
+    # Two inner epochs, the second stopped by target_kl (any move exceeds 1e-12): every rank
+    # must take the same decision from the group's KL, or the next all-reduce would hang.
     config = group_config(tmp_path)
-    config = override(config, {"train.learning_rate": 3e-4})
+    config = override(
+        config,
+        {"train.learning_rate": 3e-4, "train.num_inner_epochs": 2, "train.target_kl": 1e-12},
+    )
     alone = Learner(config, threads=1)
     start = alone.policy.lora_state_dict()
     prompts = [config.prompts[i % len(config.prompts)] for i in range(16)]
@@ -113,6 +118,7 @@ def test_two_gloo_learners_update_as_one_learner(ray_instance, tmp_path):
                 update(epoch),
             )
             assert got["policy_version"] == want["policy_version"]
+            assert got["early_stopped"] == want["early_stopped"] == 1.0
             assert got["grad_norm"] == pytest.approx(want["grad_norm"], rel=1e-4)
             assert got["loss"] == pytest.approx(want["loss"], rel=1e-4, abs=1e-7)
             if epoch == 0:
