@@ -20,6 +20,7 @@ reaches 90% of sync" figure. Writes --out (JSON) and prints a markdown table.
 from __future__ import annotations
 
 import json
+import shlex
 import subprocess
 import sys
 import time
@@ -47,7 +48,8 @@ class Args:
     mode: Literal["async", "sync"] = "async"
     eval_every: int = 20
     flags: tuple[str, ...] = ()
-    """More learner.run flags for every run, e.g. --train.decoupled."""
+    """More learner.run flags for every run, each entry split as a shell would split it:
+    --flags=--train.decoupled, or --flags='--train.decoupled --train.target-kl 0.03'."""
     sync: Path = Path("bench/results/sweep_cpu_11.jobs.jsonl")
     """The sync reference: a study's per-run results (bench/sweep.py's OUT.jobs.jsonl), or a
     folder of run directories written with --mode sync."""
@@ -61,7 +63,8 @@ def command(args: Args, seed: int, run_dir: Path) -> list[str]:
     return [
         sys.executable, "-m", "learner.run", "--task", args.task, "--model", "tiny",
         "--seed", str(seed), *(mode if args.mode == "async" else []),
-        "--eval-every", str(args.eval_every), "--run-dir", str(run_dir), *args.flags,
+        "--eval-every", str(args.eval_every), "--run-dir", str(run_dir),
+        *(word for flag in args.flags for word in shlex.split(flag)),
     ]  # fmt: skip
 
 
