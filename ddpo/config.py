@@ -115,10 +115,6 @@ class TrainConfig:
     against the ones the update started from) exceeds target_kl is not taken, and the update
     ends there (its first step is always taken); 0 turns it off. It caps how far one update can
     move the policy when the log-probs of low-noise steps get very sensitive to the weights."""
-    is_weight_max: float = 2.0
-    """Decoupled PPO: a stale transition whose pi_prox / pi_behaviour lies outside
-    [1 / is_weight_max, is_weight_max] is left out of the gradient (the policy has moved too far
-    on it since sampling to say anything about the proximal policy)."""
     timestep_fraction: float = 1.0
     """Fraction of each trajectory's (shuffled) steps trained on."""
     lora_rank: int = 4
@@ -138,11 +134,6 @@ class TrainConfig:
             raise ConfigError(f"train.timestep_fraction={self.timestep_fraction} must be in (0, 1]")
         if not self.target_kl >= 0:
             raise ConfigError(f"train.target_kl={self.target_kl} must be >= 0 (0 turns it off)")
-        if not self.is_weight_max > 1:
-            raise ConfigError(
-                f"train.is_weight_max={self.is_weight_max} must be > 1: the range of "
-                "pi_prox / pi_behaviour kept is [1 / is_weight_max, is_weight_max]"
-            )
         if self.learning_rate < 0:
             raise ConfigError(f"train.learning_rate={self.learning_rate} must be >= 0")
         if self.kl_coef < 0:

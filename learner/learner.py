@@ -18,7 +18,7 @@ from learner import checkpoint, distributed, losses
 
 UPDATE_METRICS = (
     "loss", "approx_kl", "clipfrac", "dualclipfrac", "grad_norm", "kl_base", "skipped_steps",
-    "early_stopped", "is_weight", "is_weight_max", "is_dropfrac",
+    "early_stopped", "is_weight", "is_weight_max",
 )  # fmt: skip
 """What the driver logs of each update's metrics (besides the staleness breakdown)."""
 
@@ -287,7 +287,6 @@ class Learner:
                                 cfg.adv_clip_max,
                                 cfg.dual_clip,
                                 behaviour_log_prob=behaviour,
-                                is_weight_max=cfg.is_weight_max,
                             )
                         else:
                             loss = losses.ddpo_sf_loss(log_prob, adv_idx, cfg.adv_clip_max)

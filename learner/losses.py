@@ -6,9 +6,13 @@ Schulman et al. 2017); RWR and sparse RWR as the paper's baselines (sec. 4.1).
 
 from __future__ import annotations
 
-import math
-
 import torch
+
+IS_WEIGHT_MAX = 2.0
+"""Decoupled PPO's weight pi_prox / pi_behaviour is truncated here. In decoupled runs through
+Ray it stayed within [0.92, 1.007], spikes of approx_kl included (BENCHMARKS.md, "Decoupled PPO
+through Ray, a third draw"): the log-probs are averaged over the latent's dimensions, and one
+version of lag moves that average little."""
 
 
 def ddpo_is_loss(
@@ -19,7 +23,6 @@ def ddpo_is_loss(
     adv_clip_max: float,
     dual_clip: float = 0.0,
     behaviour_log_prob: torch.Tensor | None = None,
-    is_weight_max: float = 2.0,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Clipped importance-sampling loss over a batch of transitions [B].
 
@@ -34,16 +37,9 @@ def ddpo_is_loss(
     w = pi_prox / pi_behaviour (a constant, no gradient). A stale sample then has its full clip
     range to move in, where plain PPO spends it on the versions the policy already moved since
     sampling. On fresh samples the two log-probs are equal and the loss is plain PPO's.
-    A term whose w lies outside [1 / is_weight_max, is_weight_max] gets weight 0: the policy
-    has moved so far on that transition since sampling that it no longer says anything about
-    the proximal policy. Plain PPO's clip (around the behaviour policy) leaves such terms out of
-    the gradient too, or scales them by their tiny ratio; truncating w instead, as V-trace does,
-    kept them at full weight and let decoupled runs diverge at low-noise steps, where a small
-    change of the weights moves a log-prob by many nats (BENCHMARKS.md, "Decoupled PPO through
-    Ray").
+    w is truncated at IS_WEIGHT_MAX, as V-trace truncates its weights.
     Returns the loss and detached diagnostics (approx_kl, clipfrac, dualclipfrac; with a
-    behaviour log-prob also is_weight and is_weight_max, before the cut, and is_dropfrac, the
-    fraction of terms cut).
+    behaviour log-prob also is_weight and is_weight_max, before truncation).
     """
     advantages = advantages.clamp(-adv_clip_max, adv_clip_max)
     ratio = torch.exp(log_prob - old_log_prob)
@@ -56,15 +52,9 @@ def ddpo_is_loss(
     per_sample = torch.where(capped, -dual_clip * advantages, per_sample)
     info = {}
     if behaviour_log_prob is not None:
-        log_weight = (old_log_prob - behaviour_log_prob).detach()
-        kept = log_weight.abs() <= math.log(is_weight_max)
-        weight = torch.exp(log_weight)
-        per_sample = per_sample * torch.where(kept, weight, torch.zeros_like(weight))
-        info = {
-            "is_weight": weight.mean(),
-            "is_weight_max": weight.max(),
-            "is_dropfrac": (~kept).float().mean(),
-        }
+        weight = torch.exp(old_log_prob - behaviour_log_prob).detach()
+        per_sample = per_sample * weight.clamp(max=IS_WEIGHT_MAX)
+        info = {"is_weight": weight.mean(), "is_weight_max": weight.max()}
     loss = per_sample.mean()
     with torch.no_grad():
         info |= {

@@ -45,7 +45,6 @@ def small(task, model="tiny"):
         (["--seed", "-5"], r"seed=-5 must be in \[0, 2\*\*63\)"),
         (["--epochs", "0"], "at least 1 epoch"),
         (["--eval-every", "-1"], "must be >= 0"),
-        (["--train.is-weight-max", "1"], r"is_weight_max=1.0 must be > 1"),
         (["--train.target-kl", "-0.1"], r"target_kl=-0.1 must be >= 0 \(0 turns it off\)"),
         (["--resume-or-start", "--save-every", "0"], "needs checkpoints"),
     ],

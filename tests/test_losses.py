@@ -63,31 +63,23 @@ def test_dual_clip_caps_exploded_ratios_of_negative_advantages():
 
 def test_decoupled_loss_clips_around_the_proximal_policy_and_weights_by_it():
     """Hilton et al. 2021 by hand: the clip is around pi_prox, each term is scaled by
-    w = pi_prox / pi_behaviour (no gradient), and a term with w outside [1/2, 2] gets weight 0."""
-    behaviour = torch.tensor([0.0, 0.0, 0.0, 0.0])
-    prox = torch.tensor([0.02, -0.05, 1.0, -0.8])  # w = e^0.02, e^-0.05, e^1 = 2.7, e^-0.8 = 0.45
-    new = torch.tensor([0.02, -0.0495, 1.0, -0.8], requires_grad=True)
-    adv = torch.tensor([1.0, -1.0, 1.0, 1.0])
+    pi_prox / pi_behaviour (no gradient), truncated at IS_WEIGHT_MAX."""
+    behaviour = torch.tensor([0.0, 0.0, 0.0])
+    prox = torch.tensor([0.02, -0.05, 1.0])  # weights e^0.02, e^-0.05 and e^1 = 2.7 -> 2
+    new = torch.tensor([0.02, -0.0495, 1.2], requires_grad=True)
+    adv = torch.tensor([1.0, -1.0, 1.0])
     loss, info = losses.ddpo_is_loss(
         new, prox, adv, clip_range=0.01, adv_clip_max=5.0, behaviour_log_prob=behaviour
     )
     loss.backward()
-    r = torch.exp(new.detach() - prox)  # 1, e^0.0005 (inside the clip), 1, 1
-    w = torch.exp(prox)
-    expected = torch.stack([-w[0] * r[0], w[1] * r[1]]).sum() / 4
+    r = torch.exp(new.detach() - prox)  # 1, e^0.0005 (inside the clip), e^0.2 (clipped)
+    w = torch.exp(prox).clamp(max=losses.IS_WEIGHT_MAX)
+    expected = torch.stack([-w[0] * r[0], w[1] * r[1], -w[2] * 1.01]).mean()
     assert loss.item() == pytest.approx(expected.item())
-    expected_grad = [(-w[0] * r[0] / 4).item(), (w[1] * r[1] / 4).item(), 0.0, 0.0]
+    expected_grad = [(-w[0] * r[0] / 3).item(), (w[1] * r[1] / 3).item(), 0.0]
     assert new.grad.tolist() == pytest.approx(expected_grad)
+    assert info["clipfrac"].item() == pytest.approx(1 / 3)
     assert info["is_weight_max"].item() == pytest.approx(math.e)
-    assert info["is_dropfrac"].item() == 0.5
-    # A wider range keeps the last two, at their full weight.
-    new.grad = None
-    loss, info = losses.ddpo_is_loss(
-        new, prox, adv, 0.01, 5.0, behaviour_log_prob=behaviour, is_weight_max=3.0
-    )
-    loss.backward()
-    assert new.grad[2:].tolist() == pytest.approx([(-w[2] / 4).item(), (-w[3] / 4).item()])
-    assert info["is_dropfrac"].item() == 0.0
     # Plain PPO on the same samples clips the first two as well: their ratio to the behaviour
     # policy is already past 1 +- 0.01.
     _, plain = losses.ddpo_is_loss(new, behaviour, adv, clip_range=0.01, adv_clip_max=5.0)
