@@ -9,10 +9,10 @@ from __future__ import annotations
 import torch
 
 IS_WEIGHT_MAX = 2.0
-"""Decoupled PPO's weight pi_prox / pi_behaviour is truncated here. In decoupled runs through
-Ray it stayed within [0.92, 1.007], spikes of approx_kl included (BENCHMARKS.md, "Decoupled PPO
-through Ray, a third draw"): the log-probs are averaged over the latent's dimensions, and one
-version of lag moves that average little."""
+"""Decoupled PPO's weight pi_prox / pi_behaviour is truncated here. In decoupled runs through Ray
+no term's weight exceeded 1.007, spikes of approx_kl included, so the truncation never acted
+(BENCHMARKS.md, "Decoupled PPO through Ray, a third draw"): the log-probs are averaged over the
+latent's dimensions, and one version of lag moves that average little."""
 
 
 def ddpo_is_loss(
