@@ -100,16 +100,14 @@ class TrainConfig:
     policy ratios stay near 1 and it never acts; it keeps stale async batches whose ratio
     exploded from taking over an update."""
     decoupled: bool = False
-    """Decoupled PPO for stale (async) samples: clip around the learner's weights at the start
-    of the update rather than the sampler's, and weight by the ratio of the two (Hilton et al.
-    2021). Costs one forward pass per stale (sample, step) pair trained after the update's
-    first optimizer step and not before it (those before take it from training's own forward
-    pass); fresh samples, so every sync run, train bit for bit as without it. Off by default:
-    on the demo preset through Ray it gained 89-96% of sync's gain in one draw of five seeds,
-    but in a second draw three runs of four had approx_kl spikes of 0.2 to 637 and one diverged
-    to NaN, where plain PPO's run of the worst seed had none (BENCHMARKS.md, "Decoupled PPO
-    through Ray, a second draw: unstable"). Plain PPO leaves a stale sample whose ratio is
-    already outside the clip range out of the gradient; decoupled PPO trains on it again."""
+    """Decoupled PPO for stale (async) samples, within the clip range: where the learner's
+    weights at the start of the update are still within the clip range of the sampler's on a
+    transition, clip around them rather than the sampler's and weight by the ratio of the two
+    (Hilton et al. 2021); elsewhere plain PPO (learner.losses.ddpo_is_loss). Costs one forward
+    pass per stale (sample, step) pair trained after the update's first optimizer step and not
+    before it; fresh samples, so every sync run, train bit for bit as without it. Off by
+    default: decoupling every stale term made runs through Ray diverge (BENCHMARKS.md,
+    "Decoupled PPO through Ray, a second draw: unstable" and "a third draw")."""
     target_kl: float = 0.0
     """Early stop: an update's optimizer step whose minibatches' approx_kl (their log-probs
     against the ones the update started from) exceeds target_kl is not taken, and the update

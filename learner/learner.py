@@ -18,7 +18,7 @@ from learner import checkpoint, distributed, losses
 
 UPDATE_METRICS = (
     "loss", "approx_kl", "clipfrac", "dualclipfrac", "grad_norm", "kl_base", "skipped_steps",
-    "early_stopped", "is_weight", "is_weight_max",
+    "early_stopped", "is_weight", "is_weight_max", "decoupled_frac",
 )  # fmt: skip
 """What the driver logs of each update's metrics (besides the staleness breakdown)."""
 

@@ -8,12 +8,6 @@ from __future__ import annotations
 
 import torch
 
-IS_WEIGHT_MAX = 2.0
-"""Decoupled PPO's weight pi_prox / pi_behaviour is truncated here. In decoupled runs through Ray
-no term's weight exceeded 1.007, spikes of approx_kl included, so the truncation never acted
-(BENCHMARKS.md, "Decoupled PPO through Ray, a third draw"): the log-probs are averaged over the
-latent's dimensions, and one version of lag moves that average little."""
-
 
 def ddpo_is_loss(
     log_prob: torch.Tensor,
@@ -31,18 +25,37 @@ def ddpo_is_loss(
     2020): the pessimistic max lets -A r grow with r without bound, so off-policy samples whose
     ratio exploded (async, stale batches) would otherwise dominate the update.
 
-    Decoupled PPO (Hilton et al. 2021): given the log-prob under the policy that sampled the
-    transition (`behaviour_log_prob`), `old_log_prob` is the proximal policy's (the learner's
-    weights when the update began), the clip is taken around it, and each term is weighted by
-    w = pi_prox / pi_behaviour (a constant, no gradient). A stale sample then has its full clip
-    range to move in, where plain PPO spends it on the versions the policy already moved since
-    sampling. On fresh samples the two log-probs are equal and the loss is plain PPO's.
-    w is truncated at IS_WEIGHT_MAX, as V-trace truncates its weights.
-    Returns the loss and detached diagnostics (approx_kl, clipfrac, dualclipfrac; with a
-    behaviour log-prob also is_weight and is_weight_max, before truncation).
+    Decoupled PPO (Hilton et al. 2021), within the clip range: given the log-prob under the
+    policy that sampled the transition (`behaviour_log_prob`), `old_log_prob` is the proximal
+    policy's (the learner's weights when the update began). Where the proximal policy is still
+    within the clip range of the behaviour policy (|w - 1| <= eps, w = pi_prox / pi_behaviour),
+    the clip is taken around the proximal log-prob and the term weighted by w (a constant, no
+    gradient): a stale sample then has its full clip range to move in, where plain PPO spends
+    part of it on the versions the policy moved since sampling. Where the proximal policy has
+    left that range, the term is plain PPO's, clipped around the behaviour log-prob.
+    Decoupling those too made runs through Ray diverge (BENCHMARKS.md, "Decoupled PPO through
+    Ray, a third draw"): on a low-noise step a sample of the previous version sits many noise
+    widths' fraction off the proximal mean in every latent dimension at once, so the gradient of
+    its log-prob is that offset, summed coherently over the dimensions, and for A < 0 it pushes
+    the policy further from where it was; plain PPO has already clipped those terms.
+    On fresh samples w = 1 and the loss is plain PPO's.
+    Returns the loss and detached diagnostics (approx_kl against `old_log_prob`, clipfrac of the
+    ratios as clipped, dualclipfrac; with a behaviour log-prob also is_weight and is_weight_max,
+    the mean and largest w, and decoupled_frac, the fraction of terms within the range).
     """
     advantages = advantages.clamp(-adv_clip_max, adv_clip_max)
-    ratio = torch.exp(log_prob - old_log_prob)
+    anchor, weight, info = old_log_prob, None, {}
+    if behaviour_log_prob is not None:
+        w = torch.exp(old_log_prob - behaviour_log_prob).detach()
+        inside = (w - 1.0).abs() <= clip_range
+        anchor = torch.where(inside, old_log_prob, behaviour_log_prob)
+        weight = torch.where(inside, w, torch.ones_like(w))
+        info = {
+            "is_weight": w.mean(),
+            "is_weight_max": w.max(),
+            "decoupled_frac": inside.float().mean(),
+        }
+    ratio = torch.exp(log_prob - anchor)
     unclipped = -advantages * ratio
     clipped = -advantages * ratio.clamp(1.0 - clip_range, 1.0 + clip_range)
     per_sample = torch.maximum(unclipped, clipped)
@@ -50,11 +63,8 @@ def ddpo_is_loss(
         (advantages < 0) & (ratio > dual_clip) if dual_clip > 1 else torch.zeros_like(ratio) > 0
     )
     per_sample = torch.where(capped, -dual_clip * advantages, per_sample)
-    info = {}
-    if behaviour_log_prob is not None:
-        weight = torch.exp(old_log_prob - behaviour_log_prob).detach()
-        per_sample = per_sample * weight.clamp(max=IS_WEIGHT_MAX)
-        info = {"is_weight": weight.mean(), "is_weight_max": weight.max()}
+    if weight is not None:
+        per_sample = per_sample * weight
     loss = per_sample.mean()
     with torch.no_grad():
         info |= {

@@ -61,29 +61,37 @@ def test_dual_clip_caps_exploded_ratios_of_negative_advantages():
     assert info["dualclipfrac"].item() == 0.0
 
 
-def test_decoupled_loss_clips_around_the_proximal_policy_and_weights_by_it():
-    """Hilton et al. 2021 by hand: the clip is around pi_prox, each term is scaled by
-    pi_prox / pi_behaviour (no gradient), truncated at IS_WEIGHT_MAX."""
-    behaviour = torch.tensor([0.0, 0.0, 0.0])
-    prox = torch.tensor([0.02, -0.05, 1.0])  # weights e^0.02, e^-0.05 and e^1 = 2.7 -> 2
-    new = torch.tensor([0.02, -0.0495, 1.2], requires_grad=True)
-    adv = torch.tensor([1.0, -1.0, 1.0])
+def test_decoupled_loss_clips_around_the_proximal_policy_within_the_clip_range():
+    """Hilton et al. 2021 by hand, where pi_prox is within the clip range of pi_behaviour: the
+    clip is around pi_prox and each term is scaled by w = pi_prox / pi_behaviour (no gradient).
+    Where it has left that range, the term is plain PPO's, clipped around pi_behaviour."""
+    eps = 0.01
+    behaviour = torch.zeros(5)
+    prox = torch.tensor([0.001, -0.005, 0.5, -0.5, 0.5])  # w - 1: 0.001, -0.005, then outside
+    new = torch.tensor([0.001, -0.0045, 0.6, -0.5, 0.5], requires_grad=True)
+    adv = torch.tensor([1.0, -1.0, 1.0, -1.0, -1.0])
     loss, info = losses.ddpo_is_loss(
-        new, prox, adv, clip_range=0.01, adv_clip_max=5.0, behaviour_log_prob=behaviour
+        new, prox, adv, clip_range=eps, adv_clip_max=5.0, behaviour_log_prob=behaviour
     )
     loss.backward()
-    r = torch.exp(new.detach() - prox)  # 1, e^0.0005 (inside the clip), e^0.2 (clipped)
-    w = torch.exp(prox).clamp(max=losses.IS_WEIGHT_MAX)
-    expected = torch.stack([-w[0] * r[0], w[1] * r[1], -w[2] * 1.01]).mean()
-    assert loss.item() == pytest.approx(expected.item())
-    expected_grad = [(-w[0] * r[0] / 3).item(), (w[1] * r[1] / 3).item(), 0.0]
-    assert new.grad.tolist() == pytest.approx(expected_grad)
-    assert info["clipfrac"].item() == pytest.approx(1 / 3)
-    assert info["is_weight_max"].item() == pytest.approx(math.e)
-    # Plain PPO on the same samples clips the first two as well: their ratio to the behaviour
-    # policy is already past 1 +- 0.01.
-    _, plain = losses.ddpo_is_loss(new, behaviour, adv, clip_range=0.01, adv_clip_max=5.0)
-    assert plain["clipfrac"].item() == 1.0
+    w = torch.exp(prox[:2])
+    r_prox = torch.exp(new.detach()[:2] - prox[:2])  # 1 and e^0.0005: inside the clip
+    r_behaviour = torch.exp(new.detach()[2:])  # e^0.6, e^-0.5, e^0.5: all outside it
+    terms = [
+        -w[0] * r_prox[0],  # A > 0, unclipped
+        w[1] * r_prox[1],  # A < 0, unclipped
+        -(1 + eps),  # A > 0 and r > 1 + eps: clipped, no gradient
+        1 - eps,  # A < 0 and r < 1 - eps: clipped, no gradient
+        r_behaviour[2],  # A < 0 and r > 1 + eps: the pessimistic term, unclipped
+    ]
+    assert loss.item() == pytest.approx(float(sum(terms)) / 5)
+    expected_grad = [-w[0] * r_prox[0] / 5, w[1] * r_prox[1] / 5, 0.0, 0.0, r_behaviour[2] / 5]
+    assert new.grad.tolist() == pytest.approx([float(g) for g in expected_grad])
+    assert info["decoupled_frac"].item() == pytest.approx(0.4)
+    assert info["is_weight_max"].item() == pytest.approx(math.exp(0.5))
+    # The last three are plain PPO's terms on the same samples.
+    plain, _ = losses.ddpo_is_loss(new.detach()[2:], behaviour[2:], adv[2:], eps, 5.0)
+    assert plain.item() == pytest.approx(float(sum(terms[2:])) / 3)
 
 
 def test_decoupled_loss_equals_plain_on_fresh_samples():
