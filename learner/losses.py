@@ -30,14 +30,15 @@ def ddpo_is_loss(
     policy's (the learner's weights when the update began). Where the proximal policy is still
     within the clip range of the behaviour policy (|w - 1| <= eps, w = pi_prox / pi_behaviour),
     the clip is taken around the proximal log-prob and the term weighted by w (a constant, no
-    gradient): a stale sample then has its full clip range to move in, where plain PPO spends
-    part of it on the versions the policy moved since sampling. Where the proximal policy has
-    left that range, the term is plain PPO's, clipped around the behaviour log-prob.
-    Decoupling those too made runs through Ray diverge (BENCHMARKS.md, "Decoupled PPO through
-    Ray, a third draw"): on a low-noise step a sample of the previous version sits many noise
-    widths' fraction off the proximal mean in every latent dimension at once, so the gradient of
-    its log-prob is that offset, summed coherently over the dimensions, and for A < 0 it pushes
-    the policy further from where it was; plain PPO has already clipped those terms.
+    gradient): every stale term has eps to move either way from where the update starts, where
+    plain PPO's room depends on how the policy has moved on it since sampling. Where the
+    proximal policy has left that range, the term is plain PPO's, clipped around the behaviour
+    log-prob.
+    Decoupling those too let runs through Ray diverge (BENCHMARKS.md, "Decoupled PPO through
+    Ray, a third draw"). Where a term's advantage favours the way the policy has already moved
+    on it since sampling, by more than eps, plain PPO's clip stops it; decoupled PPO's clip,
+    centred on the proximal policy, lets it move by eps more, and by eps more again in the next
+    update. That is the likely reason, not a proven one.
     On fresh samples w = 1 and the loss is plain PPO's.
     Returns the loss and detached diagnostics (approx_kl against `old_log_prob`, clipfrac of the
     ratios as clipped, dualclipfrac; with a behaviour log-prob also is_weight and is_weight_max,
