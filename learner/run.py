@@ -268,8 +268,8 @@ def diverged(err: BaseException, run_dir: Path) -> str:
         f"a sampler drew non-finite log-probs ({err}): the weights have diverged. The approx_kl "
         f"of the last updates in {run_dir / 'metrics.jsonl'} shows when; the checkpoints in "
         f"{run_dir / 'checkpoints'} hold earlier weights. Start again with a lower "
-        "--learning-rate or a smaller --train.clip-range (in async mode, without "
-        "--train.decoupled)"
+        "--learning-rate, a smaller --train.clip-range, or --train.target-kl 0.03 (an update "
+        "then stops before a step that moves the policy too far)"
     )
 
 
