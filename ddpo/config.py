@@ -106,14 +106,17 @@ class TrainConfig:
     (Hilton et al. 2021); elsewhere plain PPO (learner.losses.ddpo_is_loss). Costs one forward
     pass per stale (sample, step) pair trained after the update's first optimizer step and not
     before it; fresh samples, so every sync run, train bit for bit as without it. On the demo's
-    preset through Ray it gained 93% and 94% of sync's gain at equal trained samples in two
-    draws of five seeds, against plain PPO's 82%, with no spike (BENCHMARKS.md, "Decoupled PPO
-    through Ray, a third draw"); decoupling every stale term, as it did before, diverged."""
+    preset through Ray it gained 93% and 98% of sync's gain at equal trained samples in two
+    draws of five seeds (95% pooled), against plain PPO's 82%, with no approx_kl above 0.015
+    after update 5 (BENCHMARKS.md, "Decoupled PPO through Ray, a third draw"); decoupling every
+    stale term, as it did before, let runs diverge."""
     target_kl: float = 0.0
     """Early stop: an update's optimizer step whose minibatches' approx_kl (their log-probs
-    against the ones the update started from) exceeds target_kl is not taken, and the update
-    ends there (its first step is always taken); 0 turns it off. It caps how far one update can
-    move the policy when the log-probs of low-noise steps get very sensitive to the weights."""
+    against the clip's centre: the weights the update started from, or the sampler's for plain
+    PPO's stale samples) exceeds target_kl is not taken, and the update ends there (its first
+    step is always taken); 0 turns it off. In a run whose one step moved approx_kl by nats it
+    bounded the spike to that step, but could not prevent it (BENCHMARKS.md, "Decoupled PPO
+    through Ray, a third draw")."""
     timestep_fraction: float = 1.0
     """Fraction of each trajectory's (shuffled) steps trained on."""
     lora_rank: int = 4
