@@ -34,10 +34,6 @@ class Args:
     """The first sample's noise seed; the others follow."""
 
 
-def lora(ckpt: checkpoint.Checkpoint) -> dict[str, torch.Tensor]:
-    return {k.removeprefix("lora."): v for k, v in ckpt.tensors.items() if k.startswith("lora.")}
-
-
 def drift(run: Path, args: Args) -> list[list]:
     start, end = (
         checkpoint.load(checkpoint.checkpoint_dir(run) / f"epoch-{epoch:06d}")
@@ -48,9 +44,9 @@ def drift(run: Path, args: Args) -> list[list]:
     prompts = [config.prompts[i % len(config.prompts)] for i in range(args.samples)]
     rows = []
     with torch.no_grad():
-        policy.load_lora_state_dict(lora(start))
+        policy.load_lora_state_dict(checkpoint.lora_weights(start.tensors))
         traj = policy.sample(prompts, list(range(args.seed, args.seed + args.samples)))
-        policy.load_lora_state_dict(lora(end))
+        policy.load_lora_state_dict(checkpoint.lora_weights(end.tensors))
         for k, timestep in enumerate(traj.timesteps.tolist()):
             log_prob = policy.log_prob(
                 traj.prompt_embeds,

@@ -288,6 +288,11 @@ class _Fields:
             self.bad(field, value, "a finite number")
 
 
+def lora_weights(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A checkpoint's LoRA tensors ("lora.<key>"), under the policy's own keys."""
+    return {k.removeprefix("lora."): v for k, v in tensors.items() if k.startswith("lora.")}
+
+
 # ----- optimizer and RNG state as flat tensors + JSON -----
 def optimizer_state(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
     """Split `optimizer.state_dict()` into tensors ("optim.<param>.<name>") and JSON."""

@@ -129,8 +129,7 @@ class Learner:
         problem = self.check_state(tensors, meta)
         if problem:
             raise ValueError(problem)
-        lora = {k.removeprefix("lora."): v for k, v in tensors.items() if k.startswith("lora.")}
-        self.policy.load_lora_state_dict(lora)
+        self.policy.load_lora_state_dict(checkpoint.lora_weights(tensors))
         checkpoint.load_optimizer_state(self.optimizer, tensors, meta["optimizer"])
         self.generator.set_state(tensors["rng.generator"])
         self.version = int(meta["version"])
