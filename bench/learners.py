@@ -28,10 +28,11 @@ import numpy as np
 import tyro
 from common import describe, machine, markdown_table, write_json
 
-from ddpo.config import task_config
-from learner.driver import epoch_schedule
+from ddpo.config import override
+from ddpo.presets import task_config
 from learner.group import LearnerGroup
 from learner.learner import Learner
+from learner.scoring import epoch_schedule
 from learner.wiring import OnRay
 
 
@@ -64,7 +65,7 @@ def time_group(wiring: OnRay, config, n: int, batches: list, updates: int) -> di
         n,
         {"CPU": 1},
         "PACK",
-        Path(str(config.run_dir)),
+        Path(str(config.run.dir)),
     )
     rng = np.random.default_rng(0)
     advantages = rng.standard_normal(config.samples_per_epoch).astype(np.float32)
@@ -99,7 +100,7 @@ def main(args: Args) -> None:
     os.environ["DDPO_THREADS"] = "1"  # one torch thread in every learner
     facts = machine()
     facts["load_average_before"] = os.getloadavg()  # other work on the machine, if any
-    config = dataclasses.replace(task_config("compressibility", "tiny"), run_dir=Path("/tmp"))
+    config = override(task_config("compressibility", "tiny"), {"run.dir": Path("/tmp")})
     ray.init(num_cpus=max(args.learners), include_dashboard=False, log_to_driver=False)
     try:
         batches = epoch_batches(config)
