@@ -32,10 +32,11 @@ from common import describe, machine, markdown_table, write_json
 
 from actors.reward import RewardWorker
 from actors.sampler import Sampler
+from ddpo.pools import PoolSize
 from ddpo.presets import task_config
 from learner.driver import epoch_schedule
 from learner.fleet import reward_actor_options, role_options
-from learner.reward_pool import PoolSize, RewardPool
+from learner.reward_pool import RewardPool
 from learner.wiring import OnRay
 
 

@@ -6,34 +6,33 @@
       .system SystemConfig what it runs on: device, samplers, learners, sync/async, reward pools
       .sample / .train / .stat_tracker   the algorithm's hyperparameters
 
-Task presets are in `ddpo.presets`. `learner.run` builds its command line from these classes
-with tyro: every field is a flag (`--train.clip-range 1e-3`), and the `aliases` below keep the
-short flags (`--epochs`, `--run-dir`) that the README and deployments use.
+Task presets are in `ddpo.presets`, the reward pools' sizes in `ddpo.pools`, and `override` and
+`from_dict`, which work on any nested dataclass, in `ddpo.fields`. `learner.run` builds its
+command line from these classes with tyro: every field is a flag (`--train.clip-range 1e-3`),
+and the `aliases` below keep the short flags (`--epochs`, `--run-dir`) that the README and
+deployments use.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import typing
 import unicodedata
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any, Literal, TypeVar
+from typing import Annotated, Any, Literal
 
 import tyro
 
+from ddpo.fields import ConfigError, differences, from_dict
+from ddpo.fields import override as override  # the config's own API: override(config, changes)
+from ddpo.pools import PoolSize, parse_pool_sizes
+
 Algorithm = Literal["ddpo_is", "ddpo_sf", "rwr", "sparse_rwr"]
-C = TypeVar("C")
 Task = Literal["compressibility", "incompressibility", "aesthetic", "alignment"]
 
 MAX_PROMPT_CHARS = 1000
 """Longer prompts are refused: the text encoder reads only the first 77 tokens (a few hundred
 characters), and every prompt is written into config.json and every checkpoint."""
-
-
-class ConfigError(ValueError):
-    """A config value that its checks refuse; the message names the value and the fix."""
 
 
 def alias(*flags: str) -> Any:
@@ -163,59 +162,6 @@ class StatTrackerConfig:
     """Rewards kept per prompt."""
     min_count: int = 16
     """Below this many rewards for a prompt, the batch's mean and std are used."""
-
-
-@dataclass(frozen=True)
-class PoolSize:
-    """The size of one reward's pool of actors: at start, and the bounds it scales within."""
-
-    start: int = 1
-    min: int = 1
-    max: int = 1
-
-    def __post_init__(self) -> None:
-        if not 1 <= self.min <= self.start <= self.max:
-            raise ConfigError(
-                f"reward pool sizes need 1 <= min <= start <= max, got min={self.min} "
-                f"start={self.start} max={self.max}; a pool has at least one actor"
-            )
-
-
-def parse_pool_sizes(workers: tuple[str, ...], ranges: tuple[str, ...]) -> dict[str, PoolSize]:
-    """["aesthetic=4"], ["aesthetic=2:8"] -> {"aesthetic": PoolSize(start=4, min=2, max=8)}."""
-
-    def pairs(items: tuple[str, ...], flag: str) -> dict[str, str]:
-        out = {}
-        for item in items:
-            name, sep, value = item.partition("=")
-            if not sep or not name or not value:
-                raise ConfigError(f"{flag} {item!r} must look like NAME=VALUE, e.g. aesthetic=4")
-            out[name] = value
-        return out
-
-    def whole(flag: str, name: str, value: str) -> int:
-        if not value.strip().isdigit():
-            raise ConfigError(f"{flag} {name}={value!r}: give a whole number of actors, e.g. 4")
-        return int(value)
-
-    flag = "--reward-workers"
-    starts = {k: whole(flag, k, v) for k, v in pairs(workers, flag).items()}
-    bounds = {}
-    flag = "--reward-workers-range"
-    for name, value in pairs(ranges, flag).items():
-        low, sep, high = value.partition(":")
-        if not sep:
-            raise ConfigError(f"{flag} {name}={value!r} must be MIN:MAX, e.g. 1:8")
-        bounds[name] = (whole(flag, name, low), whole(flag, name, high))
-    sizes = {}
-    for name in starts.keys() | bounds.keys():
-        start = starts.get(name, bounds.get(name, (1, 1))[0])
-        least, most = bounds.get(name, (start, start))
-        try:
-            sizes[name] = PoolSize(start=start, min=least, max=most)
-        except ValueError as err:
-            raise ConfigError(f"{name}: {err}") from None
-    return sizes
 
 
 @dataclass(frozen=True)
@@ -415,54 +361,13 @@ class Config:
     def from_dict(cls, data: dict) -> Config:
         """The inverse of `dataclasses.asdict` after a JSON round trip (RUN_DIR/config.json);
         also reads the flat layout of runs written before the sub-configs."""
-        return _from_dict(cls, _nested(data), "config")
+        return from_dict(cls, _nested(data), "config")
 
 
 def resumable_changes(saved: Config, wanted: Config) -> list[str]:
     """The fields, outside `run`, in which `wanted` differs from the run's `saved` config, as
     dotted names (`train.clip_range`): what a resume may not change."""
-    return [name for name in _differences(saved, wanted) if not name.startswith("run.")]
-
-
-def override(config: C, changes: Mapping[str, Any]) -> C:
-    """`config` with the fields named by dotted paths replaced, every level checked:
-    override(config, {"run.epochs": 3, "train.learning_rate": 1e-2}); a sub-config's changes may
-    also come as one mapping, {"run": {"epochs": 3}}."""
-    names = [f.name for f in dataclasses.fields(config)]  # type: ignore[arg-type]
-    nested: dict[str, Any] = {}
-    for path, value in changes.items():
-        top, _, rest = path.partition(".")
-        if top not in names:
-            moved = [
-                f"{name}.{top}"
-                for name in names
-                if dataclasses.is_dataclass(part := getattr(config, name))
-                and top in {f.name for f in dataclasses.fields(part)}
-            ]
-            hint = f"it is {moved[0]}" if moved else f"choose one of {', '.join(names)}"
-            raise ConfigError(f"{type(config).__name__} has no field {top!r}; {hint}")
-        if rest:
-            nested.setdefault(top, {})[rest] = value
-        elif isinstance(value, Mapping):
-            nested.setdefault(top, {}).update(value)
-        else:
-            nested[top] = value
-    for name, value in nested.items():
-        if isinstance(value, dict):
-            nested[name] = override(getattr(config, name), value)
-    return dataclasses.replace(config, **nested)  # type: ignore[type-var]
-
-
-def _differences(a: Any, b: Any, prefix: str = "") -> list[str]:
-    """Dotted names of the leaf fields in which two configs of one class differ."""
-    out = []
-    for f in dataclasses.fields(a):
-        x, y = getattr(a, f.name), getattr(b, f.name)
-        if dataclasses.is_dataclass(x):
-            out += _differences(x, y, f"{prefix}{f.name}.")
-        elif x != y:
-            out.append(prefix + f.name)
-    return out
+    return [name for name in differences(saved, wanted) if not name.startswith("run.")]
 
 
 def _nested(data: dict) -> dict:
@@ -481,24 +386,6 @@ def _nested(data: dict) -> dict:
         else:
             out[name] = value
     return out
-
-
-def _from_dict(cls: type, data: dict, where: str) -> Any:
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - known)
-    if unknown:
-        raise ConfigError(f"{where} has fields this version does not know: {unknown}")
-    types = typing.get_type_hints(cls)
-    values = {}
-    for name, value in data.items():
-        if dataclasses.is_dataclass(types[name]) and isinstance(value, dict):
-            value = _from_dict(types[name], value, f"{where}.{name}")
-        elif isinstance(value, list):
-            value = tuple(value)
-        elif types[name] == Path | None and value is not None:
-            value = Path(value)
-        values[name] = value
-    return cls(**values)
 
 
 def prompt_problem(prompt: str) -> str | None:

@@ -20,7 +20,8 @@ import numpy as np
 
 from actors.reward import RewardWorker
 from actors.sampler import Sampler
-from ddpo.config import Config, PoolSize
+from ddpo.config import Config
+from ddpo.pools import PoolSize
 from ddpo.threads import role_threads
 from learner.errors import BatchesLost
 from learner.group import GroupCall, LearnerGroup, merged_metrics

@@ -12,7 +12,7 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
-from ddpo.config import PoolSize
+from ddpo.pools import PoolSize
 
 log = logging.getLogger(__name__)
 

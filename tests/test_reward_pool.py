@@ -2,7 +2,7 @@
 
 import pytest
 
-from ddpo.config import PoolSize, parse_pool_sizes
+from ddpo.pools import PoolSize, parse_pool_sizes
 from learner.reward_pool import RewardPool
 
 
