@@ -118,6 +118,11 @@ class TrainConfig:
     through Ray, a third draw")."""
     timestep_fraction: float = 1.0
     """Fraction of each trajectory's (shuffled) steps trained on."""
+    steps_per_call: int = 1
+    """Denoising steps of a minibatch trained in one UNet call, which then holds batch_size x
+    steps_per_call latents: the same gradient, in fewer and larger calls (on 2 CPU cores, a
+    training step of the tiny model costs 20% less a sample at 160 latents than at 32); the
+    activation memory grows with it, so large models keep 1."""
     lora_rank: int = 4
     lora_targets: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0")
     """UNet modules that get LoRA adapters (peft target_modules, matched by name suffix):
@@ -149,7 +154,13 @@ class TrainConfig:
             raise ConfigError(f"train.lora_init={self.lora_init!r}: choose default or gaussian")
         if not self.lora_targets:
             raise ConfigError("train.lora_targets is empty; name the UNet modules to adapt")
-        for name in ("batch_size", "gradient_accumulation_steps", "num_inner_epochs", "lora_rank"):
+        for name in (
+            "batch_size",
+            "gradient_accumulation_steps",
+            "num_inner_epochs",
+            "steps_per_call",
+            "lora_rank",
+        ):
             if getattr(self, name) < 1:
                 raise ConfigError(f"train.{name}={getattr(self, name)} must be at least 1")
 

@@ -190,11 +190,18 @@ def tiny(config: Config) -> Config:
     on 16,384). LoRA's A starts with std 1/r as the reference's, not peft's Kaiming: on five
     seeds it gained 1.7x as much and every seed cleared t 3. lr 1.5e-2: at 3e-2 seeds diverge
     (one drifts the wrong way in its first epochs and never comes back), and 6e-2 collapses.
-    Runs stop at 30 epochs.
+    Runs stop at 30 epochs. Five steps of a minibatch train in one UNet call of 160 latents,
+    20% less time a sample than calls of 32 on 2 cores (and than 320, which also takes 2 GB).
 
     On top of that, each task takes what its own five-seed study chose (`TINY_TASK_SETTINGS`).
     """
-    train = TrainConfig(learning_rate=1.5e-2, clip_range=2e-3, batch_size=32, lora_init="gaussian")
+    train = TrainConfig(
+        learning_rate=1.5e-2,
+        clip_range=2e-3,
+        batch_size=32,
+        steps_per_call=5,
+        lora_init="gaussian",
+    )
     config = dataclasses.replace(
         config,
         model="tiny",

@@ -225,6 +225,7 @@ class Learner:
         cfg = self.config.train
         b, t_total = traj.log_probs.shape
         n_steps = max(1, int(t_total * cfg.timestep_fraction))
+        per_call = min(cfg.steps_per_call, n_steps)
         # DDPO-SF is on-policy: all samples go into a single optimizer step.
         inner_epochs = cfg.num_inner_epochs if importance_sampling else 1
         stats: dict[str, list[float]] = defaultdict(list)
@@ -256,25 +257,29 @@ class Learner:
                 part, share = self._share(minibatch)
                 idx = minibatch[part]  # this rank's samples (all of them, alone)
                 before_first_step = decoupled and p == 0 and i < accumulate
-                for k in range(n_steps if len(idx) else 0):
-                    step = steps[idx, k]  # [b] step index per sample
-                    with self.policy.threads.step(("train", len(idx))):
+                for k in range(0, n_steps if len(idx) else 0, per_call):
+                    # One UNet call trains the minibatch's steps k..k+c-1 together: term j is
+                    # sample rows[j] at its step step[j], each sample of idx once a step.
+                    c = min(per_call, n_steps - k)
+                    rows = idx.repeat(c)
+                    step = steps[idx, k : k + c].T.reshape(-1)
+                    with self.policy.threads.step(("train", len(rows))):
                         log_prob, kl = self.policy.log_prob_and_kl(
-                            traj.prompt_embeds[idx],
-                            traj.latents[idx, step],
+                            traj.prompt_embeds[rows],
+                            traj.latents[rows, step],
                             traj.timesteps[step],
-                            traj.latents[idx, step + 1],
+                            traj.latents[rows, step + 1],
                             kl_to_base=cfg.kl_coef > 0,
                         )
                         if before_first_step:
-                            stale = staleness[idx] > 0
-                            anchor[idx[stale], step[stale]] = log_prob.detach()[stale].cpu()
+                            stale = staleness[rows] > 0
+                            anchor[rows[stale], step[stale]] = log_prob.detach()[stale].cpu()
                         # The batch stays on the CPU; the loss is computed on the model's device.
-                        old = anchor[idx, step].to(log_prob.device)
-                        adv_idx = adv[idx].to(log_prob.device)
+                        old = anchor[rows, step].to(log_prob.device)
+                        adv_idx = adv[rows].to(log_prob.device)
                         if importance_sampling:
                             behaviour = (
-                                traj.log_probs[idx, step].to(log_prob.device)
+                                traj.log_probs[rows, step].to(log_prob.device)
                                 if cfg.decoupled
                                 else None
                             )
@@ -294,18 +299,20 @@ class Learner:
                         if kl is not None:  # the KL to the base model, as a penalty
                             loss = loss + cfg.kl_coef * kl.mean()
                             info["kl_base"] = kl.detach().mean()
-                        (loss * share / (accumulate * n_steps)).backward()
-                    stats["loss"].append(loss.item())
+                        (loss * share * c / (accumulate * n_steps)).backward()
+                    # One entry a trained step, whatever the steps per call: the metrics are
+                    # their means over the update's (minibatch, step) pairs.
+                    stats["loss"] += [loss.item()] * c
                     with torch.no_grad():  # per-sample diagnostics, grouped by staleness
                         diff = log_prob.detach() - old
                         window_kl[0] += 0.5 * float((diff.double() ** 2).sum())
                         window_kl[1] += len(diff)
                         clipped = (torch.exp(diff) - 1).abs() > cfg.clip_range
-                        for j, k in enumerate(staleness[idx].tolist()):
-                            by_staleness[f"{k}/approx_kl"].append(0.5 * diff[j].item() ** 2)
-                            by_staleness[f"{k}/clipfrac"].append(float(clipped[j]))
+                        for j, age in enumerate(staleness[rows].tolist()):
+                            by_staleness[f"{age}/approx_kl"].append(0.5 * diff[j].item() ** 2)
+                            by_staleness[f"{age}/clipfrac"].append(float(clipped[j]))
                     for key, value in info.items():
-                        stats[key].append(value.item())
+                        stats[key] += [value.item()] * c
                 if (i + 1) % accumulate == 0 or i + 1 == len(minibatches):
                     if stats["grad_norm"] and self._too_far(window_kl):
                         self.optimizer.zero_grad(set_to_none=True)
@@ -349,10 +356,10 @@ class Learner:
     def _proximal_log_probs(self, traj: Trajectory, needed: torch.Tensor) -> torch.Tensor:
         """The epoch's log-probs [B, T], with the `needed` [B, T] ones recomputed under the
         weights the update starts from (decoupled PPO's proximal policy), in calls of up to a
-        training minibatch of (sample, step) pairs, each pair with its own timestep."""
+        training call of (sample, step) pairs, each pair with its own timestep."""
         anchor = traj.log_probs.clone()
         rows, steps = needed.nonzero(as_tuple=True)
-        size = self.config.train.batch_size
+        size = self.config.train.batch_size * self.config.train.steps_per_call
         for start in range(0, len(rows), size):
             r, t = rows[start : start + size], steps[start : start + size]
             with self.policy.threads.step(("proximal", len(r))):

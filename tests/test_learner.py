@@ -321,6 +321,61 @@ def test_decoupled_ppo_trains_fresh_batches_bit_for_bit_as_plain(tiny_pipe):
     assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
 
 
+def test_steps_per_call_trains_the_same_gradient_in_fewer_calls(tiny_pipe):
+    """Two passes of two minibatches on all 4 steps, one batch stale and one fresh (decoupled
+    PPO's anchors, before and after the first optimizer step, come into it): steps trained 3 to
+    a UNet call (a call of 3 steps and one of 1 a minibatch) give every optimizer step the
+    gradient of one step a call, and the update the same metrics and weights, up to the order
+    of float sums."""
+    runs = {}
+    for per_call in (1, 3):
+        config = small_config(
+            learning_rate=1e-3,
+            clip_range=1e-3,
+            decoupled=True,
+            num_inner_epochs=2,
+            steps_per_call=per_call,
+        )
+        learner = make_learner(tiny_pipe, config)
+        prompts = list(config.prompts[:4])
+        first = learner.policy.sample(prompts, [0, 1, 2, 3], batch_id="0-0")
+        stale = learner.policy.sample(prompts, [4, 5, 6, 7], batch_id="0-1")
+        learner.update(np.array([1, -1, 1, -1.0]), np.zeros(4), first)
+        fresh = learner.policy.sample(prompts, [8, 9, 10, 11], policy_version=1, batch_id="1-0")
+        grads, calls = [], []
+        forward, step = learner.policy.log_prob_and_kl, learner._optimizer_step
+
+        def record_step(step=step, grads=grads, learner=learner):
+            grads.append([p.grad.clone() for p in learner.policy.trainable_parameters()])
+            return step()
+
+        def record_forward(*args, forward=forward, calls=calls, **kwargs):
+            if torch.is_grad_enabled():  # training's calls, not the proximal pass up front
+                calls.append(len(args[1]))
+            return forward(*args, **kwargs)
+
+        learner._optimizer_step = record_step
+        learner.policy.log_prob_and_kl = record_forward
+        advantages = np.array([1, -1, 1, -1, 1, -1, 1, -1.0])
+        metrics = learner.update(advantages, np.zeros(8), stale, fresh)
+        runs[per_call] = grads, calls, metrics, learner.weights()[1]
+    (grads_1, calls_1, metrics_1, weights_1), (grads_3, calls_3, metrics_3, weights_3) = (
+        runs[1],
+        runs[3],
+    )
+    # 2 passes x 2 minibatches of 4 samples: 4 calls of 4 latents, or a call of 12 and one of 4.
+    assert calls_1 == [4] * 16 and calls_3 == [12, 4] * 4
+    assert len(grads_1) == len(grads_3) == 4
+    for ours, theirs in zip(grads_3, grads_1, strict=True):  # each optimizer step's gradient
+        a, b = (torch.cat([g.flatten() for g in grads]) for grads in (ours, theirs))
+        assert (a - b).norm() <= 1e-4 * b.norm()
+    for key in ("approx_kl", "is_weight", "decoupled_frac", "clipfrac"):
+        assert metrics_3[key] == pytest.approx(metrics_1[key], rel=1e-4, abs=1e-9), key
+    assert 0 < metrics_1["clipfrac"] and 0 < metrics_1["decoupled_frac"] < 1  # both at work
+    for key in weights_1:  # AdamW's steps (lr 1e-3 each) agree to within 1% of a step
+        torch.testing.assert_close(weights_3[key], weights_1[key], rtol=0, atol=1e-5)
+
+
 def test_kl_penalty_pulls_the_policy_back_to_the_base_model(tiny_pipe):
     """With zero advantages the only gradient is kl_coef * KL to the base: one update lowers it.
 
