@@ -119,10 +119,10 @@ class TrainConfig:
     timestep_fraction: float = 1.0
     """Fraction of each trajectory's (shuffled) steps trained on."""
     steps_per_call: int = 1
-    """Denoising steps of a minibatch trained in one UNet call, which then holds batch_size x
-    steps_per_call latents: the same gradient, in fewer and larger calls (on 2 CPU cores, a
-    training step of the tiny model costs 20% less a sample at 160 latents than at 32); the
-    activation memory grows with it, so large models keep 1."""
+    """Denoising steps of a minibatch trained in one UNet call (ddpo_is, ddpo_sf), which then
+    holds batch_size x steps_per_call latents: the same gradient in fewer, larger calls (the
+    tiny model's update takes 0.82x the time at 5 on 2 CPU cores, BENCHMARKS.md "Several
+    denoising steps a UNet call"); activation memory grows with it, so large models keep 1."""
     lora_rank: int = 4
     lora_targets: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0")
     """UNet modules that get LoRA adapters (peft target_modules, matched by name suffix):
