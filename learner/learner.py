@@ -15,6 +15,7 @@ from ddpo.policy import Policy
 from ddpo.threads import ThreadGovernor
 from ddpo.trajectory import Trajectory
 from learner import checkpoint, distributed, losses
+from learner.update_stats import UpdateStats
 
 UPDATE_METRICS = (
     "loss", "approx_kl", "clipfrac", "dualclipfrac", "grad_norm", "kl_base", "skipped_steps",
@@ -228,8 +229,7 @@ class Learner:
         per_call = min(cfg.steps_per_call, n_steps)
         # DDPO-SF is on-policy: all samples go into a single optimizer step.
         inner_epochs = cfg.num_inner_epochs if importance_sampling else 1
-        stats: dict[str, list[float]] = defaultdict(list)
-        by_staleness: dict[str, list[float]] = defaultdict(list)  # "<k>/clipfrac" -> values
+        stats = UpdateStats(cfg.clip_range)
         # Each inner epoch's minibatches, and each sample's own random subset of steps
         # (timestep_fraction), drawn before any training so the proximal log-probs can be.
         plan = []
@@ -248,7 +248,6 @@ class Learner:
         if decoupled:
             later = self._stale_pairs_after_first_step(plan, staleness, n_steps, accumulate)
             anchor = self._proximal_log_probs(traj, later)
-        window_kl = [0.0, 0.0]  # sum of 0.5 diff^2 and terms since the last optimizer step
         stopped = False  # by target_kl
         for p, (minibatches, steps) in enumerate(plan):
             if stopped:
@@ -276,57 +275,52 @@ class Learner:
                             anchor[rows[stale], step[stale]] = log_prob.detach()[stale].cpu()
                         # The batch stays on the CPU; the loss is computed on the model's device.
                         old = anchor[rows, step].to(log_prob.device)
-                        adv_idx = adv[rows].to(log_prob.device)
-                        if importance_sampling:
-                            behaviour = (
-                                traj.log_probs[rows, step].to(log_prob.device)
-                                if cfg.decoupled
-                                else None
-                            )
-                            loss, info = losses.ddpo_is_loss(
-                                log_prob,
-                                old,
-                                adv_idx,
-                                cfg.clip_range,
-                                cfg.adv_clip_max,
-                                cfg.dual_clip,
-                                behaviour_log_prob=behaviour,
-                            )
-                        else:
-                            loss = losses.ddpo_sf_loss(log_prob, adv_idx, cfg.adv_clip_max)
-                            with torch.no_grad():
-                                info = {"approx_kl": 0.5 * ((log_prob - old) ** 2).mean()}
-                        if kl is not None:  # the KL to the base model, as a penalty
-                            loss = loss + cfg.kl_coef * kl.mean()
-                            info["kl_base"] = kl.detach().mean()
+                        behaviour = traj.log_probs[rows, step] if cfg.decoupled else None
+                        loss, info = self._loss(
+                            log_prob, kl, old, adv[rows], behaviour, importance_sampling
+                        )
                         (loss * share * c / (accumulate * n_steps)).backward()
-                    # One entry a trained step, whatever the steps per call: the metrics are
-                    # their means over the update's (minibatch, step) pairs.
-                    stats["loss"] += [loss.item()] * c
-                    with torch.no_grad():  # per-sample diagnostics, grouped by staleness
-                        diff = log_prob.detach() - old
-                        window_kl[0] += 0.5 * float((diff.double() ** 2).sum())
-                        window_kl[1] += len(diff)
-                        clipped = (torch.exp(diff) - 1).abs() > cfg.clip_range
-                        for j, age in enumerate(staleness[rows].tolist()):
-                            by_staleness[f"{age}/approx_kl"].append(0.5 * diff[j].item() ** 2)
-                            by_staleness[f"{age}/clipfrac"].append(float(clipped[j]))
-                    for key, value in info.items():
-                        stats[key] += [value.item()] * c
+                    stats.add_call(c, loss, info, log_prob - old, staleness[rows])
                 if (i + 1) % accumulate == 0 or i + 1 == len(minibatches):
-                    if stats["grad_norm"] and self._too_far(window_kl):
+                    if stats.optimizer_steps and self._too_far(stats.window):
                         self.optimizer.zero_grad(set_to_none=True)
                         stopped = True
                         break
-                    stats["grad_norm"].append(self._optimizer_step())
-                    window_kl = [0.0, 0.0]
-        metrics = {key: float(np.mean(values)) for key, values in stats.items()}
-        metrics["early_stopped"] = float(stopped)
-        if "is_weight_max" in stats:
-            metrics["is_weight_max"] = float(np.max(stats["is_weight_max"]))
-        metrics |= self.policy.threads.share()
-        metrics |= {f"staleness/{k}": float(np.mean(v)) for k, v in by_staleness.items()}
-        return metrics
+                    stats.add_optimizer_step(self._optimizer_step())
+        return stats.metrics() | {"early_stopped": float(stopped)} | self.policy.threads.share()
+
+    def _loss(
+        self,
+        log_prob: torch.Tensor,
+        kl: torch.Tensor | None,
+        old: torch.Tensor,
+        adv: torch.Tensor,
+        behaviour: torch.Tensor | None,
+        importance_sampling: bool,
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """One call's loss (a mean over its terms) and what it reports: DDPO-IS's clipped
+        objective around `old` (decoupled where `behaviour`, the sampler's log-probs, is
+        given), or DDPO-SF's; plus kl_coef times the KL to the base model, if computed."""
+        cfg, device = self.config.train, log_prob.device
+        adv = adv.to(device)
+        if importance_sampling:
+            loss, info = losses.ddpo_is_loss(
+                log_prob,
+                old,
+                adv,
+                cfg.clip_range,
+                cfg.adv_clip_max,
+                cfg.dual_clip,
+                behaviour_log_prob=None if behaviour is None else behaviour.to(device),
+            )
+        else:
+            loss = losses.ddpo_sf_loss(log_prob, adv, cfg.adv_clip_max)
+            with torch.no_grad():
+                info = {"approx_kl": 0.5 * ((log_prob - old) ** 2).mean()}
+        if kl is not None:  # the KL to the base model, as a penalty
+            loss = loss + cfg.kl_coef * kl.mean()
+            info["kl_base"] = kl.detach().mean()
+        return loss, info
 
     def _too_far(self, window_kl: list[float]) -> bool:
         """Whether the terms since the last optimizer step moved past train.target_kl (their
