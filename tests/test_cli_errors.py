@@ -46,6 +46,7 @@ def small(task, model="tiny"):
         (["--epochs", "0"], "at least 1 epoch"),
         (["--eval-every", "-1"], "must be >= 0"),
         (["--train.target-kl", "-0.1"], r"target_kl=-0.1 must be >= 0 \(0 turns it off\)"),
+        (["--train.steps-per-call", "0"], r"train.steps_per_call=0 must be at least 1"),
         (["--resume-or-start", "--save-every", "0"], "needs checkpoints"),
     ],
 )
