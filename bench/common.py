@@ -95,3 +95,16 @@ def write_json(path: Path, data: dict[str, Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(data, indent=2, default=str) + "\n")
     print(f"wrote {path}")
+
+
+def epoch_batches(policy: Any, config: Any, epoch: int = 0) -> list:
+    """A run's epoch of samples as the driver schedules it (`learner.scoring.epoch_schedule`),
+    sampled by `policy` in calls of sample.batch_size: what one update trains on."""
+    from learner.scoring import epoch_schedule
+
+    prompts, seeds = epoch_schedule(config, epoch)
+    b = config.sample.batch_size
+    return [
+        policy.sample(prompts[i : i + b], seeds[i : i + b], batch_id=f"{epoch}-{i // b}")
+        for i in range(0, len(prompts), b)
+    ]

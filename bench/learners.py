@@ -26,13 +26,12 @@ from pathlib import Path
 
 import numpy as np
 import tyro
-from common import describe, machine, markdown_table, write_json
+from common import describe, epoch_batches, machine, markdown_table, write_json
 
 from ddpo.config import override
 from ddpo.presets import task_config
 from learner.group import LearnerGroup
 from learner.learner import Learner
-from learner.scoring import epoch_schedule
 from learner.wiring import OnRay
 
 
@@ -43,17 +42,6 @@ class Args:
     updates: int = 3
     """Timed updates per group size (after one warm-up update)."""
     out: Path = Path("bench/results/learners.json")
-
-
-def epoch_batches(config) -> list:
-    """The preset's epoch 0, sampled with the untrained policy (what each update trains on)."""
-    sampler = Learner(config, threads=1).policy
-    prompts, seeds = epoch_schedule(config, 0)
-    b = config.sample.batch_size
-    return [
-        sampler.sample(prompts[i : i + b], seeds[i : i + b], batch_id=f"0-{i // b}")
-        for i in range(0, len(prompts), b)
-    ]
 
 
 def time_group(wiring: OnRay, config, n: int, batches: list, updates: int) -> dict:
@@ -103,7 +91,8 @@ def main(args: Args) -> None:
     config = override(task_config("compressibility", "tiny"), {"run.dir": Path("/tmp")})
     ray.init(num_cpus=max(args.learners), include_dashboard=False, log_to_driver=False)
     try:
-        batches = epoch_batches(config)
+        # The preset's epoch 0, sampled with the untrained policy: what each update trains on.
+        batches = epoch_batches(Learner(config, threads=1).policy, config)
         wiring = OnRay(None, min_cpus=0, resources={})  # the instance above
         rows = [time_group(wiring, config, n, batches, args.updates) for n in args.learners]
     finally:

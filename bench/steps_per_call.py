@@ -22,12 +22,11 @@ from pathlib import Path
 import numpy as np
 import torch
 import tyro
-from common import describe, machine, markdown_table, write_json
+from common import describe, epoch_batches, machine, markdown_table, write_json
 
 from ddpo.config import override
 from ddpo.presets import task_config
 from learner.learner import Learner
-from learner.scoring import epoch_schedule
 
 
 @dataclass
@@ -44,13 +43,9 @@ def main(args: Args) -> None:
     torch.set_num_threads(args.threads)
     config = task_config("compressibility", "tiny")
     learner = Learner(config, threads=args.threads)
-    prompts, seeds = epoch_schedule(config, 0)
-    b = config.sample.batch_size
-    batches = [
-        learner.policy.sample(prompts[i : i + b], seeds[i : i + b], batch_id=f"0-{i // b}")
-        for i in range(0, len(prompts), b)
-    ]
-    advantages = np.random.default_rng(0).standard_normal(len(prompts)).astype(np.float32)
+    batches = epoch_batches(learner.policy, config)
+    advantages = np.random.default_rng(0).standard_normal(config.samples_per_epoch)
+    advantages = advantages.astype(np.float32)
     configs = {v: override(config, {"train.steps_per_call": v}) for v in args.values}
     times: dict[int, list[float]] = {v: [] for v in args.values}
     for r in range(args.rounds + 1):  # round 0 warms up every value
