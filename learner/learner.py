@@ -247,7 +247,7 @@ class Learner:
         anchor = traj.log_probs  # what the ratio is clipped around
         if decoupled:
             later = self._stale_pairs_after_first_step(plan, staleness, n_steps, accumulate)
-            anchor = self._proximal_log_probs(traj, later)
+            anchor = self._proximal_log_probs(traj, later, cfg.batch_size * per_call)
         stopped = False  # by target_kl
         for p, (minibatches, steps) in enumerate(plan):
             if stopped:
@@ -347,13 +347,14 @@ class Learner:
         return after & ~before
 
     @torch.no_grad()
-    def _proximal_log_probs(self, traj: Trajectory, needed: torch.Tensor) -> torch.Tensor:
+    def _proximal_log_probs(
+        self, traj: Trajectory, needed: torch.Tensor, size: int
+    ) -> torch.Tensor:
         """The epoch's log-probs [B, T], with the `needed` [B, T] ones recomputed under the
-        weights the update starts from (decoupled PPO's proximal policy), in calls of up to a
-        training call of (sample, step) pairs, each pair with its own timestep."""
+        weights the update starts from (decoupled PPO's proximal policy), in calls of up to
+        `size` (sample, step) pairs (a training call's), each pair with its own timestep."""
         anchor = traj.log_probs.clone()
         rows, steps = needed.nonzero(as_tuple=True)
-        size = self.config.train.batch_size * self.config.train.steps_per_call
         for start in range(0, len(rows), size):
             r, t = rows[start : start + size], steps[start : start + size]
             with self.policy.threads.step(("proximal", len(r))):

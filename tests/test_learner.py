@@ -273,9 +273,9 @@ def test_decoupled_ppo_anchors_every_stale_term_at_the_starting_weights(tiny_pip
         anchors.append(old_log_prob.clone())
         return loss(log_prob, old_log_prob, *args, **kwargs)
 
-    def record_upfront(traj, needed):
+    def record_upfront(traj, needed, size):
         pairs.append(int(needed.sum()))
-        return upfront(traj, needed)
+        return upfront(traj, needed, size)
 
     monkeypatch.setattr(learner.policy, "log_prob_and_kl", record_forward)
     monkeypatch.setattr(losses, "ddpo_is_loss", record_loss)
