@@ -28,6 +28,7 @@ from ddpo.ddim import (
     gaussian_kl,
     gaussian_log_prob,
 )
+from ddpo.lora import compute_merged
 from ddpo.threads import ThreadGovernor
 from ddpo.trajectory import Trajectory
 
@@ -136,6 +137,7 @@ class Policy:
         seed: int = 0,
         lora_init: str = "default",  # or "gaussian": A ~ N(0, (1/rank)^2), as diffusers' LoRA
         lora_targets: tuple[str, ...] | list[str] = tuple(LORA_TARGETS),
+        lora_merged: bool = False,
     ):
         self.pipe = pipe
         self.unet = pipe.unet
@@ -161,6 +163,14 @@ class Policy:
         # LoRA trains in fp32 even when the base model is fp16/bf16.
         for p in self.trainable_parameters():
             p.data = p.data.float()
+        self.lora_merged = lora_merged
+        if lora_merged:
+            if pipe.unet.dtype != torch.float32:
+                raise ValueError(
+                    f"train.lora_merged needs a float32 base model, and this one is "
+                    f"{pipe.unet.dtype}; load it in float32 or pass --train.no-lora-merged"
+                )
+            compute_merged(self.unet)
         # How many CPU threads each step uses; the sampler and learner give it theirs.
         self.threads = ThreadGovernor(None)
         self.scheduler: DDIMScheduler = pipe.scheduler
@@ -185,6 +195,7 @@ class Policy:
             seed=config.seed,
             lora_init=t.lora_init,
             lora_targets=t.lora_targets,
+            lora_merged=t.lora_merged,
         )
 
     # ----- weights -----

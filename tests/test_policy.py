@@ -149,8 +149,9 @@ def test_from_config_builds_the_policy_its_config_describes(tiny_pipe):
     built = Policy.from_config(config, copy.deepcopy(tiny_pipe))
     by_hand = Policy(
         copy.deepcopy(tiny_pipe), s.num_steps, s.guidance_scale, s.eta, t.lora_rank,
-        seed=5, lora_init=t.lora_init, lora_targets=t.lora_targets,
+        seed=5, lora_init=t.lora_init, lora_targets=t.lora_targets, lora_merged=t.lora_merged,
     )  # fmt: skip
+    assert built.lora_merged == by_hand.lora_merged == t.lora_merged
     ours, theirs = built.lora_state_dict(), by_hand.lora_state_dict()
     assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
     assert torch.equal(built.scheduler.timesteps, by_hand.scheduler.timesteps)
