@@ -13,6 +13,15 @@ torch.set_num_threads(int(os.environ.get("DDPO_TEST_THREADS", "2")))
 os.environ.setdefault("DDPO_THREADS", "fixed")
 
 
+@pytest.fixture(autouse=True)
+def _torch_threads():
+    """Every test starts with the suite's thread count: an in-process run's thread governor
+    sets torch's (process-wide) count and leaves it, and float sums differ across counts."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def tiny_pipe():
     from ddpo.policy import load_pipeline
