@@ -134,7 +134,7 @@ class TrainConfig:
     """Adapted layers compute with their merged weight, W + scale * B A rebuilt at each call,
     in one op instead of peft's side branch of two (ddpo.lora.compute_merged): the same
     function and gradients up to float rounding. On the tiny model on 2 CPU cores, where the
-    branch's small ops cost more than its arithmetic, sampling takes 0.77x and training 0.80x
+    branch's small ops cost more than its arithmetic, sampling takes 0.80x and training 0.78x
     the time (BENCHMARKS.md, "LoRA on the merged weight"); large models pay a full weight
     gradient per adapted layer for it, so their presets keep it off. Needs a float32 base."""
     rwr_beta: float = 1.0
