@@ -30,6 +30,28 @@ def tiny_pipe():
 
 
 @pytest.fixture(scope="module")
+def cluster_yaml() -> dict:
+    """cluster.yaml, parsed (the deploy tests)."""
+    from deploy_files import read_cluster_yaml
+
+    return read_cluster_yaml()
+
+
+@pytest.fixture(scope="module")
+def raycluster() -> dict:
+    from deploy_files import read_kuberay
+
+    return read_kuberay("raycluster")
+
+
+@pytest.fixture(scope="module")
+def rayjob() -> dict:
+    from deploy_files import read_kuberay
+
+    return read_kuberay("rayjob")
+
+
+@pytest.fixture(scope="module")
 def server(request):
     """A jpeg_compressibility reward service in a thread, for the test module, with the module's
     TOKEN and LIMITS."""

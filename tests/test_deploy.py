@@ -17,27 +17,10 @@ import pytest
 from deploy_files import (
     ROOT,
     gcp_variant,
-    read_cluster_yaml,
-    read_kuberay,
 )
 
 ROLES = {"learner", "sampler"}  # plus reward_<name> for every reward of rewards.REWARDS
 STANDARD = {"CPU", "GPU", "memory", "object_store_memory"}
-
-
-@pytest.fixture(scope="module")
-def cluster_yaml() -> dict:
-    return read_cluster_yaml()
-
-
-@pytest.fixture(scope="module")
-def raycluster() -> dict:
-    return read_kuberay("raycluster")
-
-
-@pytest.fixture(scope="module")
-def rayjob() -> dict:
-    return read_kuberay("rayjob")
 
 
 def ray_validate(config: dict) -> dict:

@@ -9,30 +9,17 @@ import re
 from pathlib import Path
 from types import SimpleNamespace
 
-import pytest
 from deploy_files import (
     DEPLOY,
     ROOT,
     gcp_variant,
     pod_specs,
-    read_cluster_yaml,
-    read_kuberay,
 )
 
 CUDA_MIN_DRIVER = {"11.2": 460, "12.0": 525, "12.6": 560, "12.8": 570, "12.9": 575, "13.0": 580}
 """NVIDIA's minimum Linux driver (major) for each CUDA toolkit (CUDA release notes, table 3)."""
 TORCH_CUDA = re.compile(r"download\.pytorch\.org/whl/cu(\d+)(\d)$")  # cu128 -> 12.8
 RAY_GID = 100  # Ray's images run as `ray`, uid 1000, in group `users`, gid 100
-
-
-@pytest.fixture(scope="module")
-def cluster_yaml() -> dict:
-    return read_cluster_yaml()
-
-
-@pytest.fixture(scope="module")
-def raycluster() -> dict:
-    return read_kuberay("raycluster")
 
 
 def test_dockerfile_builds_on_rays_gpu_image_and_copies_what_exists():

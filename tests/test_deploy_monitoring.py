@@ -7,28 +7,16 @@ import json
 import re
 import shlex
 
-import pytest
 import yaml
 from deploy_files import (
     DEPLOY,
     ROOT,
     load_yaml_docs,
     pod_specs,
-    read_kuberay,
 )
 
 SCRAPE_LABELS = {"ray_io_cluster", "instance", "job"}
 """Labels Prometheus adds to every series (the scrape configs and PodMonitors here)."""
-
-
-@pytest.fixture(scope="module")
-def raycluster() -> dict:
-    return read_kuberay("raycluster")
-
-
-@pytest.fixture(scope="module")
-def rayjob() -> dict:
-    return read_kuberay("rayjob")
 
 
 def test_prometheus_configs_point_at_ray_and_the_driver(rayjob):

@@ -32,9 +32,12 @@ def test_sampling_is_reproducible_and_per_sample_seeded(policy):
     assert torch.isfinite(a.log_probs).all()
 
 
+@pytest.mark.parametrize("merged", [False, True])
 @pytest.mark.parametrize("guidance", [5.0, 1.0])
-def test_recomputed_log_prob_equals_sampled(tiny_pipe, guidance):
-    policy = Policy(copy.deepcopy(tiny_pipe), num_steps=8, guidance_scale=guidance)
+def test_recomputed_log_prob_equals_sampled(tiny_pipe, guidance, merged):
+    policy = Policy(
+        copy.deepcopy(tiny_pipe), num_steps=8, guidance_scale=guidance, lora_merged=merged
+    )
     # Make the LoRA non-trivial so the test covers the adapted model, not just the base.
     state = {k: torch.randn_like(v) * 0.05 for k, v in policy.lora_state_dict().items()}
     policy.load_lora_state_dict(state)
