@@ -47,8 +47,8 @@ def main(args: Args) -> None:
     for r in range(args.rounds + 1):  # round 0 warms up both
         for merged, learner in learners.items():
             start = time.perf_counter()
-            batches = [
-                dataclasses.replace(t, batch_id=f"{r}-{t.batch_id}", policy_version=learner.version)
+            batches = [  # sampled by the learner's own weights: on policy (ids "r-i" are new)
+                dataclasses.replace(t, policy_version=learner.version)
                 for t in epoch_batches(learner.policy, config, epoch=r)
             ]
             sampled = time.perf_counter()
