@@ -28,7 +28,7 @@ def save_lora(peft_state: dict[str, torch.Tensor], directory: Path) -> Path:
     return Path(directory) / LORA_FILE
 
 
-def compute_merged(model: torch.nn.Module) -> int:
+def compute_merged(model: torch.nn.Module) -> None:
     """Make every LoRA layer of `model` compute `op(x, W + scale * B A)`: one convolution or
     matrix product on the merged weight, rebuilt from A and B at each call, instead of peft's
     side branch `op(x, W) + scale * B(A(x))`. The same function, and through autograd the same
@@ -40,7 +40,8 @@ def compute_merged(model: torch.nn.Module) -> int:
     weight's gradient, a full weight gradient per layer, costs more than the branch saves.
 
     Needs plain LoRA layers over nn.Linear or nn.Conv2d with no dropout and no variant (DoRA),
-    with the base weight in the adapters' dtype. Returns the number of layers changed."""
+    with the base weight in the adapters' dtype; raises TypeError naming what is not, having
+    changed no layer."""
     layers = [m for m in model.modules() if isinstance(m, LoraLayer)]
     for layer in layers:
         base = layer.get_base_layer()
@@ -56,8 +57,8 @@ def compute_merged(model: torch.nn.Module) -> int:
                     f"merged LoRA needs the base weights in the adapters' dtype "
                     f"({layer.lora_A[name].weight.dtype}), not {base.weight.dtype}"
                 )
+    for layer in layers:
         layer.forward = types.MethodType(_merged_forward, layer)  # type: ignore[method-assign]
-    return len(layers)
 
 
 def _merged_forward(self: Any, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:

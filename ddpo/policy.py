@@ -165,12 +165,13 @@ class Policy:
             p.data = p.data.float()
         self.lora_merged = lora_merged
         if lora_merged:
-            if pipe.unet.dtype != torch.float32:
+            try:
+                compute_merged(self.unet)
+            except TypeError as err:  # e.g. a float16 base model under float32 adapters
                 raise ValueError(
-                    f"train.lora_merged needs a float32 base model, and this one is "
-                    f"{pipe.unet.dtype}; load it in float32 or pass --train.no-lora-merged"
-                )
-            compute_merged(self.unet)
+                    f"train.lora_merged: {err}; pass --train.no-lora-merged for peft's own "
+                    "LoRA forward"
+                ) from err
         # How many CPU threads each step uses; the sampler and learner give it theirs.
         self.threads = ThreadGovernor(None)
         self.scheduler: DDIMScheduler = pipe.scheduler

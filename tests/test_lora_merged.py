@@ -6,8 +6,10 @@ import copy
 
 import pytest
 import torch
+from peft import LoraConfig, inject_adapter_in_model
 from peft.tuners.lora import LoraLayer
 
+from ddpo.lora import compute_merged
 from ddpo.policy import Policy
 from ddpo.presets import EVERY_LAYER
 
@@ -87,5 +89,26 @@ def test_merged_policy_keeps_the_base_model_and_samples_the_same_chain(tiny_pipe
 
 def test_merged_lora_refuses_a_half_precision_base(tiny_pipe):
     pipe = copy.deepcopy(tiny_pipe).to(dtype=torch.float16)
-    with pytest.raises(ValueError, match="train.lora_merged needs a float32 base.*no-lora-merged"):
+    refusal = r"train.lora_merged: .*adapters' dtype \(torch.float32\), not torch.float16.*"
+    with pytest.raises(ValueError, match=refusal + "--train.no-lora-merged"):
         Policy(pipe, lora_merged=True)
+
+
+@pytest.mark.parametrize(
+    "options, refusal",
+    [
+        ({"lora_dropout": 0.1}, "cannot apply LoRA dropout"),
+        ({"use_dora": True}, "supports plain LoRA, not"),
+        ({"target_modules": ["fc", "embed"]}, "Linear and Conv2d layers, not .*Embedding"),
+    ],
+)
+def test_compute_merged_refuses_what_it_cannot_merge_and_changes_nothing(options, refusal):
+    model = torch.nn.ModuleDict({"fc": torch.nn.Linear(4, 4), "embed": torch.nn.Embedding(5, 4)})
+    config = LoraConfig(
+        r=2, lora_alpha=2, init_lora_weights=False, **{"target_modules": ["fc"]} | options
+    )
+    model = inject_adapter_in_model(config, model)
+    with pytest.raises(TypeError, match=refusal):
+        compute_merged(model)
+    # No layer was switched to the merged forward: peft's own is still every layer's.
+    assert all("forward" not in vars(m) for m in model.modules() if isinstance(m, LoraLayer))
