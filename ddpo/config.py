@@ -16,7 +16,6 @@ deployments use.
 from __future__ import annotations
 
 import dataclasses
-import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -26,13 +25,10 @@ import tyro
 from ddpo.fields import ConfigError, differences, from_dict
 from ddpo.fields import override as override  # the config's own API: override(config, changes)
 from ddpo.pools import PoolSize, parse_pool_sizes
+from ddpo.prompt_text import prompt_problem
 
 Algorithm = Literal["ddpo_is", "ddpo_sf", "rwr", "sparse_rwr"]
 Task = Literal["compressibility", "incompressibility", "aesthetic", "alignment"]
-
-MAX_PROMPT_CHARS = 1000
-"""Longer prompts are refused: the text encoder reads only the first 77 tokens (a few hundred
-characters), and every prompt is written into config.json and every checkpoint."""
 
 
 def alias(*flags: str) -> Any:
@@ -404,18 +400,3 @@ def _nested(data: dict) -> dict:
         else:
             out[name] = value
     return out
-
-
-def prompt_problem(prompt: str) -> str | None:
-    """What is wrong with one prompt (said after "the prompt ..."), or None."""
-    if not isinstance(prompt, str) or not prompt.strip():
-        return "is empty; every prompt needs some text"
-    if len(prompt) > MAX_PROMPT_CHARS:
-        return (
-            f"is {len(prompt)} characters long; shorten it to at most {MAX_PROMPT_CHARS} (the "
-            "text encoder reads only its first 77 tokens)"
-        )
-    bad = next((c for c in prompt if unicodedata.category(c) == "Cc"), None)
-    if bad is not None:
-        return f"holds the control character {bad!r}; remove it (a prompt is one line of text)"
-    return None

@@ -20,35 +20,10 @@ from ddpo.config import (
     StatTrackerConfig,
     TrainConfig,
     override,
-    prompt_problem,
 )
+from ddpo.prompt_text import read_prompt_file
 
 PROMPT_DIR = Path(__file__).parent / "prompts"
-
-
-def read_prompt_file(path: Path | str) -> tuple[str, ...]:
-    """One prompt a line; blank lines and lines starting with # are skipped."""
-    path = Path(path)
-    if not path.is_file():
-        raise ValueError(
-            f"prompt file {path} does not exist; pass a text file with one prompt a line"
-        )
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except UnicodeDecodeError as err:
-        raise ValueError(f"prompt file {path} is not UTF-8 text ({err}); save it as UTF-8") from err
-    prompts = []
-    for number, line in enumerate(lines, 1):
-        prompt = line.strip()
-        if not prompt or prompt.startswith("#"):
-            continue
-        problem = prompt_problem(prompt)
-        if problem:
-            raise ValueError(f"prompt file {path}, line {number}: the prompt {problem}")
-        prompts.append(prompt)
-    if not prompts:
-        raise ValueError(f"prompt file {path} holds no prompts; write one prompt a line")
-    return tuple(prompts)
 
 
 def simple_animals() -> tuple[str, ...]:

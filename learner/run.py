@@ -32,7 +32,8 @@ import tyro
 
 from ddpo.config import Config, ConfigError, Task, override, resumable_changes
 from ddpo.policy import ModelLoadError
-from ddpo.presets import read_prompt_file, task_config
+from ddpo.presets import task_config
+from ddpo.prompt_text import read_prompt_file
 from ddpo.trajectory import NonFiniteLogProbs
 from learner import checkpoint
 from learner.checkpoint import Checkpoint, CheckpointError

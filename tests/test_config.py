@@ -5,13 +5,8 @@ import dataclasses
 import pytest
 
 from ddpo.config import Config, SampleConfig, TrainConfig, override
-from ddpo.presets import (
-    animal_activities,
-    imagenet_animals,
-    read_prompt_file,
-    simple_animals,
-    task_config,
-)
+from ddpo.presets import animal_activities, imagenet_animals, simple_animals, task_config
+from ddpo.prompt_text import read_prompt_file
 from learner.run import fresh, main, parse
 
 
