@@ -408,8 +408,8 @@ class Learner:
     ) -> float:
         """Accumulate one RWR minibatch's gradient (this rank's share); its loss."""
         cfg, unet, scheduler = self.config.train, self.policy.unet, self.policy.scheduler
-        noisy = scheduler.add_noise(x0, noise, t).to(self.policy.device, unet.dtype)
-        embeds = traj.prompt_embeds[idx].to(self.policy.device, unet.dtype)
+        noisy = scheduler.add_noise(x0, noise, t).to(self.policy.device, self.policy.dtype)
+        embeds = traj.prompt_embeds[idx].to(self.policy.device, self.policy.dtype)
         with self.policy.threads.step(("rwr", len(idx))):
             predicted = unet(noisy, t.to(self.policy.device), embeds).sample.float()
             loss = losses.weighted_denoising_loss(
