@@ -6,11 +6,11 @@
       .system SystemConfig what it runs on: device, samplers, learners, sync/async, reward pools
       .sample / .train / .stat_tracker   the algorithm's hyperparameters
 
-Task presets are in `ddpo.presets`, the reward pools' sizes in `ddpo.pools`, and `override` and
-`from_dict`, which work on any nested dataclass, in `ddpo.fields`. `learner.run` builds its
-command line from these classes with tyro: every field is a flag (`--train.clip-range 1e-3`),
-and the `aliases` below keep the short flags (`--epochs`, `--run-dir`) that the README and
-deployments use.
+Task presets are in `ddpo.presets`, the prompt checks in `ddpo.prompt_text`, the reward pools'
+sizes in `ddpo.pools`, and `override` and `from_dict`, which work on any nested dataclass, in
+`ddpo.fields`. `learner.run` builds its command line from these classes with tyro: every field
+is a flag (`--train.clip-range 1e-3`), and the `aliases` below keep the short flags (`--epochs`,
+`--run-dir`) that the README and deployments use.
 """
 
 from __future__ import annotations
