@@ -15,6 +15,7 @@ import numpy as np
 from ddpo.config import Config
 from ddpo.images import save_grid
 from ddpo.lora import save_lora
+from learner.errors import RewardBroken
 from learner.evaluation import read_evals
 from learner.fleet import Fleet
 from learner.guard import Guard, evaluation_score
@@ -44,14 +45,25 @@ class Evaluator:
         best = self.run_dir / "best" / "evaluation.json"  # a resumed run's best so far
         self.best_score = json.loads(best.read_text())["score"] if best.is_file() else -math.inf
 
-    def grid(self, when: int | str, image: bool = True) -> dict:
+    def grid(self, when: int | str, image: bool = True) -> dict | None:
         """Score the fixed prompts x seeds under the current weights (and save their image grid
         unless `image` is False): the same prompts and noise at every evaluation, so evaluations
         pair sample by sample. Appends {"when", "reward_mean", "rewards", "kl_base", ...} to
         RUN_DIR/eval.jsonl, with every sample's reward in grid order, and the same of the
-        held-out prompts under "heldout"; returns it."""
+        held-out prompts under "heldout"; returns it. An evaluation with a reward that is not
+        finite (scored twice) is not recorded: see `refuse`."""
         prompts, seeds = grid_schedule(self.config)
-        traj, record = self.evaluate(prompts, seeds)
+        traj, record, problem = self.evaluate(prompts, seeds)
+        if self.config.heldout_prompts:
+            _, heldout, heldout_problem = self.evaluate(*grid_schedule(self.config, True))
+            del heldout["policy_version"]
+            record["heldout"] = heldout
+            if heldout_problem:
+                held_out = f"held-out prompts: {heldout_problem}"
+                problem = f"{problem}; {held_out}" if problem else held_out
+        if problem:
+            self.refuse(when, problem)
+            return None
         if image:
             path = self.run_dir / grid_name(when)
             g = self.config.grid_seeds
@@ -60,13 +72,27 @@ class Evaluator:
             save_grid(images, path, columns=g, row_labels=prompts[::g], column_labels=columns)
             self.runlog.image("grid", path, step=when if isinstance(when, int) else 0)
         record = {"when": when} | record
-        if self.config.heldout_prompts:
-            _, record["heldout"] = self.evaluate(*grid_schedule(self.config, heldout=True))
-            del record["heldout"]["policy_version"]
         self.runlog.evaluation(record)
         self.keep_best(record)
         self.check_guard(record)
         return record
+
+    def refuse(self, when: int | str, problem: str) -> None:
+        """An evaluation whose rewards are not all finite pairs with nothing. The start and the
+        end are what a run's result is, so without them the run stops (`RewardBroken`); one
+        in between is skipped with a warning, and the run goes on."""
+        if when == "start":
+            raise RewardBroken(
+                f"the start evaluation: {problem}; nothing was trained. Fix the reward model or "
+                f"service, then start the run again"
+            )
+        if when == "end":
+            raise RewardBroken(
+                f"the end evaluation: {problem}; the trained weights are saved. Fix the reward "
+                f"model or service, then evaluate them with: python -m learner.run --resume "
+                f"{self.run_dir}"
+            )
+        log.warning("the evaluation after %s is not recorded: %s", when, problem)
 
     def keep_best(self, record: dict) -> None:
         """RUN_DIR/best/: the LoRA of the best evaluation so far (held-out prompts first, see
@@ -96,29 +122,42 @@ class Evaluator:
             if self.config.guard_action == "stop" and self.stop_reason is None:
                 self.stop_reason = f"stopped at {record['when']} by the guard: {reason}"
 
-    def evaluate(self, prompts: list[str], seeds: np.ndarray) -> tuple[Any, dict]:
+    def evaluate(self, prompts: list[str], seeds: np.ndarray) -> tuple[Any, dict, str | None]:
         """Sample (prompt, seed) pairs on sampler 0 under the current weights and score them:
-        the trajectory's ref, and the evaluation record without its "when"."""
+        the trajectory's ref, the evaluation record without its "when", and what is wrong with
+        its rewards if they are not all finite (then the record is not to be kept)."""
         fleet, get = self.fleet, self.fleet.wiring.get
         traj, reward_input, meta = fleet.call_sampler(0, prompts, seeds, min_version=0, kl=True)
-        refs = {name: pool.score(reward_input) for name, pool in fleet.pools.items()}
-        results = {name: get(ref) for name, ref in refs.items()}
-        fleet.release(refs)
-        rewards, _ = combine_rewards(fleet.terms, results)
+        for _ in range(2):  # a reward that failed (NaN) is asked once more, as a service may
+            refs = {name: pool.score(reward_input) for name, pool in fleet.pools.items()}
+            results = {name: get(ref) for name, ref in refs.items()}
+            fleet.release(refs)
+            rewards, info = combine_rewards(fleet.terms, results)
+            if np.isfinite(rewards).all():
+                break
+        problems = []
+        if not np.isfinite(rewards).all():
+            errors = {str(v) for k, v in info.items() if k.endswith("/reward_error") and v}
+            bad = int((~np.isfinite(rewards)).sum())
+            reason = "; ".join(sorted(errors)) or "not finite"
+            problems.append(f"{bad} of {len(rewards)} rewards failed ({reason})")
         guard = {}
         if fleet.guard_pool is not None:
             ref = fleet.guard_pool.score(reward_input)
             scores = np.asarray(get(ref)[0], np.float64)
             fleet.guard_pool.done(ref)
+            name = fleet.guard_pool.name
+            if not np.isfinite(scores).all():
+                bad = int((~np.isfinite(scores)).sum())
+                problems.append(f"{bad} of {len(scores)} {name} guard scores failed")
+            rounded = [round(float(r), 6) for r in scores]
             guard = {
-                "guard": {
-                    "reward": fleet.guard_pool.name,
-                    "reward_mean": float(scores.mean()),
-                    "rewards": [round(float(r), 6) for r in scores],
-                }
+                "guard": {"reward": name, "reward_mean": float(scores.mean()), "rewards": rounded}
             }
         meta = get(meta)
-        return traj, guard | {
+        if problems:  # nothing of it is kept: see `grid`
+            return traj, {"policy_version": meta["policy_version"]}, " and ".join(problems)
+        record = guard | {
             "policy_version": meta["policy_version"],
             "reward_mean": float(np.mean(rewards)),
             "reward_std": float(np.std(rewards)),
@@ -127,3 +166,4 @@ class Evaluator:
             # Per-step KL of the policy to the base model on these trajectories (LoRA off).
             "kl_base": float(np.mean(meta["kl_base"])),
         }
+        return traj, record, None

@@ -77,7 +77,7 @@ class Session:
     def publish(self) -> int:
         return self.fleet.publish()
 
-    def grid(self, when: int | str, image: bool = True) -> dict:
+    def grid(self, when: int | str, image: bool = True) -> dict | None:
         return self.evaluator.grid(when, image)
 
     def advantages(self, prompts: list[str], rewards: np.ndarray) -> np.ndarray:

@@ -199,13 +199,75 @@ def test_a_reward_that_keeps_failing_stops_the_run_with_how_to_resume(small_conf
 
     def broken(images, prompts, call):
         rewards, info = honest(images, prompts, call)
-        return (rewards if call == 1 else rewards * np.inf), info  # the start grid still works
+        # The start evaluation (calls 1 and 2: the grid and the held-out prompts) still works.
+        return (rewards if call <= 2 else rewards * np.inf), info
 
     bad_reward(monkeypatch, broken)
     config = small_config(run={"epochs": 4}, system={"max_bad_batches": 3})
     with pytest.raises(RewardBroken, match="3 batches in a row.*--resume"):
         train(config, InProcess())
     assert checkpoint.latest(config.run.dir).epoch == 0  # the checkpoint before it is intact
+
+
+@pytest.mark.parametrize("failing, recorded", [({5}, True), ({5, 6}, False)])
+def test_an_evaluation_with_failed_rewards_is_scored_again_then_left_out(
+    small_config, monkeypatch, caplog, failing, recorded
+):
+    """Calls 1-2 are the start evaluation, 3-4 epoch 0's batches, 5 the grid of the evaluation
+    after epoch 1 (6 its second scoring if 5 failed, then its held-out prompts). A reward that
+    fails once is asked again and the evaluation kept; one that fails twice leaves the
+    evaluation out of eval.jsonl, with a warning, and the run goes on to its end."""
+    from learner.driver import train
+    from learner.evaluation import read_evals
+    from learner.wiring import InProcess
+
+    def flaky(images, prompts, call):
+        rewards, info = honest(images, prompts, call)
+        return (rewards * np.nan if call in failing else rewards), info
+
+    calls = bad_reward(monkeypatch, flaky)
+    config = small_config(run={"epochs": 2, "eval_every": 1})
+    with caplog.at_level(logging.WARNING):
+        history = train(config, InProcess())
+    assert len(history) == 2 and [h["batches_dropped"] for h in history] == [0, 0]
+    evals = read_evals(config.run.dir)
+    assert [e["when"] for e in evals] == (["start", 1, "end"] if recorded else ["start", "end"])
+    assert all(np.isfinite(e["rewards"]).all() for e in evals)
+    # The start, epoch 0, after 1 (its grid scored twice, its held-out prompts), epoch 1, the end.
+    assert len(calls) == 2 + 2 + 3 + 2 + 2
+    left_out = "the evaluation after 1 is not recorded: 4 of 4 rewards failed (not finite)"
+    assert (left_out in caplog.text) is not recorded, caplog.text
+
+
+def test_failed_start_or_end_evaluations_stop_the_run_saying_what_to_do(small_config, monkeypatch):
+    from learner.driver import train
+    from learner.errors import RewardBroken
+    from learner.evaluation import read_evals
+    from learner.wiring import InProcess
+
+    def flaky(images, prompts, call):
+        rewards, info = honest(images, prompts, call)
+        return (rewards * -np.inf if call in failing else rewards), info
+
+    failing = {1, 2}  # the start grid, twice
+    bad_reward(monkeypatch, flaky)
+    config = small_config(run={"epochs": 1})
+    with pytest.raises(RewardBroken, match="the start evaluation: 4 of 4 rewards failed.*start"):
+        train(config, InProcess())
+    assert checkpoint.latest(config.run.dir) is None  # nothing trained, nothing to resume
+
+    # Calls: the start (1, 2), epoch 0 (3, 4), the end's grid twice (5, 6), held-out (7).
+    failing = {5, 6}
+    bad_reward(monkeypatch, flaky)  # its calls counted from 1 again
+    config = small_config(run={"epochs": 1, "dir": config.run.dir.parent / "end"})
+    with pytest.raises(RewardBroken, match=f"the end evaluation.*--resume {config.run.dir}$"):
+        train(config, InProcess())
+    assert [e["when"] for e in read_evals(config.run.dir)] == ["start"]
+    # As the error says: --resume evaluates the trained weights, and trains nothing more.
+    failing = set()
+    history = train(config, InProcess(), resume=checkpoint.latest(config.run.dir))
+    assert len(history) == 1
+    assert [e["when"] for e in read_evals(config.run.dir)] == ["start", "end"]
 
 
 def test_a_missing_model_stops_before_anything_is_written(small_config, tmp_path):
