@@ -84,7 +84,8 @@ class Evaluator:
         if when == "start":
             raise RewardBroken(
                 f"the start evaluation: {problem}; nothing was trained. Fix the reward model or "
-                f"service, then start the run again"
+                f"service, then start the run again with another --run-dir (or remove "
+                f"{self.run_dir})"
             )
         if when == "end":
             raise RewardBroken(

@@ -252,7 +252,10 @@ def test_failed_start_or_end_evaluations_stop_the_run_saying_what_to_do(small_co
     failing = {1, 2}  # the start grid, twice
     bad_reward(monkeypatch, flaky)
     config = small_config(run={"epochs": 1})
-    with pytest.raises(RewardBroken, match="the start evaluation: 4 of 4 rewards failed.*start"):
+    with pytest.raises(
+        RewardBroken,
+        match="the start evaluation: 4 of 4 rewards failed.*again with another --run-dir",
+    ):
         train(config, InProcess())
     assert checkpoint.latest(config.run.dir) is None  # nothing trained, nothing to resume
 
