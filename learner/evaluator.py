@@ -21,6 +21,7 @@ from learner.fleet import Fleet
 from learner.guard import Guard, evaluation_score
 from learner.report import grid_name
 from learner.runlog import RunLog
+from learner.scoring import reward_errors
 from rewards import combine_rewards
 
 log = logging.getLogger(__name__)
@@ -134,23 +135,22 @@ class Evaluator:
             results = {name: get(ref) for name, ref in refs.items()}
             fleet.release(refs)
             rewards, info = combine_rewards(fleet.terms, results)
-            if np.isfinite(rewards).all():
+            failed = int((~np.isfinite(rewards)).sum())
+            if not failed:
                 break
         problems = []
-        if not np.isfinite(rewards).all():
-            errors = {str(v) for k, v in info.items() if k.endswith("/reward_error") and v}
-            bad = int((~np.isfinite(rewards)).sum())
-            reason = "; ".join(sorted(errors)) or "not finite"
-            problems.append(f"{bad} of {len(rewards)} rewards failed ({reason})")
+        if failed:
+            reason = reward_errors(info) or "not finite"
+            problems.append(f"{failed} of {len(rewards)} rewards failed ({reason})")
         guard = {}
         if fleet.guard_pool is not None:
             ref = fleet.guard_pool.score(reward_input)
             scores = np.asarray(get(ref)[0], np.float64)
             fleet.guard_pool.done(ref)
             name = fleet.guard_pool.name
-            if not np.isfinite(scores).all():
-                bad = int((~np.isfinite(scores)).sum())
-                problems.append(f"{bad} of {len(scores)} {name} guard scores failed")
+            failed_scores = int((~np.isfinite(scores)).sum())
+            if failed_scores:
+                problems.append(f"{failed_scores} of {len(scores)} {name} guard scores failed")
             rounded = [round(float(r), 6) for r in scores]
             guard = {
                 "guard": {"reward": name, "reward_mean": float(scores.mean()), "rewards": rounded}

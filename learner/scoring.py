@@ -60,8 +60,7 @@ class BadRewards:
             self.in_row = 0
             return True
         self.in_row += 1
-        errors = {v for k, v in info.items() if k.endswith("/reward_error") and v}
-        reason = "; ".join(sorted(map(str, errors))) or f"non-finite rewards {rewards}"
+        reason = reward_errors(info) or f"non-finite rewards {rewards}"
         log.warning("%s: dropping a batch (%s)", where, reason)
         if self.in_row >= self.limit:
             raise RewardBroken(
@@ -70,6 +69,13 @@ class BadRewards:
                 f"python -m learner.run --resume {self.run_dir}"
             )
         return False
+
+
+def reward_errors(info: dict) -> str:
+    """The reasons the reward actors gave for failed rewards (`<reward>/reward_error` in a
+    combined info), joined; "" when they gave none."""
+    errors = {str(v) for k, v in info.items() if k.endswith("/reward_error") and v}
+    return "; ".join(sorted(errors))
 
 
 def score_batch(
