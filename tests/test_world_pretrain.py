@@ -1,5 +1,7 @@
 """The tiny world's data recipe and the pretraining script."""
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -68,3 +70,27 @@ def test_pipeline_shapes_for_each_latent_size(latent_size):
         assert pipe.vae.decode(latents).sample.shape == (2, 3, world.IMAGE_SIZE, world.IMAGE_SIZE)
     with pytest.raises(ValueError, match="latent_size 12"):
         build_pipeline(12)
+
+
+def test_the_recipe_builds_the_shipped_architecture():
+    """`python -m ddpo.tiny.pretrain` must rebuild what ddpo/tiny/model holds: a change to
+    build.py (the attention heads, say) without pretraining again would leave them apart."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+
+    from ddpo.policy import resolve_model
+    from ddpo.tiny.build import build_unet, build_vae
+
+    shipped = resolve_model("tiny")[0]
+
+    def architecture(config) -> dict:  # as saved: tuples become lists
+        return {k: v for k, v in json.loads(json.dumps(dict(config))).items() if k[0] != "_"}
+
+    for cls, build, folder in (
+        (UNet2DConditionModel, build_unet, "unet"),
+        (AutoencoderKL, build_vae, "vae"),
+    ):
+        saved = cls.from_config(cls.load_config(f"{shipped}/{folder}")).config
+        recipe = architecture(build(16).config)
+        if folder == "vae":  # fixed after training from the latents' spread
+            recipe.pop("scaling_factor")
+        assert recipe == {k: v for k, v in architecture(saved).items() if k in recipe}, folder

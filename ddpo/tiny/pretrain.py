@@ -4,7 +4,7 @@ Stage 1 trains the VAE (L1 + MSE reconstruction, a small KL term) and fixes its 
 factor from the latents' standard deviation, as SD's 0.18215 was chosen. Stage 2 trains the UNet
 and the text encoder together with the standard epsilon-prediction loss, dropping 10% of prompts
 to "" so that classifier-free guidance works; an EMA of the weights is what gets saved.
-Everything is seeded; on 2 CPU cores the defaults take about 27 minutes.
+Everything is seeded; on 2 CPU cores the defaults take about 15 minutes (the faster kind).
 
     python -m ddpo.tiny.pretrain --out ddpo/tiny/model
 """
