@@ -12,17 +12,14 @@ phase and their ratio to the first head count. Writes bench/results/attention_he
 
 from __future__ import annotations
 
-import dataclasses
 import statistics
 import tempfile
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 import tyro
-from common import describe, epoch_batches, machine, markdown_table, write_json
+from common import describe, machine, markdown_table, time_sync_epochs, write_json
 from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 
 from ddpo.config import override
@@ -63,21 +60,7 @@ def main(args: Args) -> None:
             )
             for heads in args.heads
         }
-        advantages = np.random.default_rng(0).standard_normal(config.samples_per_epoch)
-        advantages = advantages.astype(np.float32)
-        times: dict[tuple[int, str], list[float]] = {}
-        for r in range(args.rounds + 1):  # round 0 warms up every learner
-            for heads, learner in learners.items():
-                start = time.perf_counter()
-                batches = [  # sampled by the learner's own weights: on policy
-                    dataclasses.replace(t, policy_version=learner.version)
-                    for t in epoch_batches(learner.policy, config, epoch=r)
-                ]
-                sampled = time.perf_counter()
-                learner.update(advantages, advantages, *batches)
-                if r:
-                    times.setdefault((heads, "sample"), []).append(sampled - start)
-                    times.setdefault((heads, "update"), []).append(time.perf_counter() - sampled)
+        times = time_sync_epochs(learners, config, args.rounds)
     median = {key: statistics.median(t) for key, t in times.items()}
     for heads in args.heads:
         median[heads, "epoch"] = median[heads, "sample"] + median[heads, "update"]

@@ -108,3 +108,33 @@ def epoch_batches(policy: Any, config: Any, epoch: int = 0) -> list:
         policy.sample(prompts[i : i + b], seeds[i : i + b], batch_id=f"{epoch}-{i // b}")
         for i in range(0, len(prompts), b)
     ]
+
+
+def time_sync_epochs(
+    learners: dict[Any, Any], config: Any, rounds: int
+) -> dict[tuple[Any, str], list[float]]:
+    """Seconds of each learner's sync epochs, the learners alternating so that every one sees
+    the same machine: each samples an epoch with its own weights (on policy, batch ids new at
+    every round) and trains one update on it with fixed random advantages. Round 0 warms every
+    learner up and is not timed. Returns {(key, "sample" | "update"): [seconds of each round]}."""
+    import dataclasses
+    import time
+
+    import numpy as np
+
+    advantages = np.random.default_rng(0).standard_normal(config.samples_per_epoch)
+    advantages = advantages.astype(np.float32)
+    times: dict[tuple[Any, str], list[float]] = {}
+    for r in range(rounds + 1):
+        for key, learner in learners.items():
+            start = time.perf_counter()
+            batches = [
+                dataclasses.replace(t, policy_version=learner.version)
+                for t in epoch_batches(learner.policy, config, epoch=r)
+            ]
+            sampled = time.perf_counter()
+            learner.update(advantages, advantages, *batches)
+            if r:
+                times.setdefault((key, "sample"), []).append(sampled - start)
+                times.setdefault((key, "update"), []).append(time.perf_counter() - sampled)
+    return times

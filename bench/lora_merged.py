@@ -10,16 +10,13 @@ for both and their ratio. Writes bench/results/lora_merged.json.
 
 from __future__ import annotations
 
-import dataclasses
 import statistics
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 import tyro
-from common import describe, epoch_batches, machine, markdown_table, write_json
+from common import describe, machine, markdown_table, time_sync_epochs, write_json
 
 from ddpo.config import override
 from ddpo.presets import task_config
@@ -41,21 +38,7 @@ def main(args: Args) -> None:
         merged: Learner(override(config, {"train.lora_merged": merged}), threads=args.threads)
         for merged in (False, True)
     }
-    advantages = np.random.default_rng(0).standard_normal(config.samples_per_epoch)
-    advantages = advantages.astype(np.float32)
-    times: dict[tuple[bool, str], list[float]] = {}
-    for r in range(args.rounds + 1):  # round 0 warms up both
-        for merged, learner in learners.items():
-            start = time.perf_counter()
-            batches = [  # sampled by the learner's own weights: on policy (ids "r-i" are new)
-                dataclasses.replace(t, policy_version=learner.version)
-                for t in epoch_batches(learner.policy, config, epoch=r)
-            ]
-            sampled = time.perf_counter()
-            learner.update(advantages, advantages, *batches)
-            if r:
-                times.setdefault((merged, "sample"), []).append(sampled - start)
-                times.setdefault((merged, "update"), []).append(time.perf_counter() - sampled)
+    times = time_sync_epochs(learners, config, args.rounds)
     median = {key: statistics.median(t) for key, t in times.items()}
     rows = [
         [
