@@ -222,8 +222,8 @@ EVERY_LAYER = (
 #   and the controls lost on average. With attention adapters alone it levels off near 23% of
 #   the room to a flat image however long it runs. Adapters on every layer at a fifth of the
 #   rate go on rising: 32% of the room at 80 epochs, every seed with t >= 11.3 and every
-#   control below its start (the one-head model). 80 epochs take 4 minutes through Ray on the faster 2-core
-#   machines, an estimated 9.5 to 11 on the slower.
+#   control below its start (the one-head model). 80 epochs take 4 minutes through Ray on the
+#   faster 2-core machines, an estimated 9.5 to 11 on the slower.
 # - incompressibility: drift raises this reward; on 64 samples an epoch, two seeds of five ended
 #   at or under their shuffled controls. 128 an epoch in optimizer steps of 64, with two passes,
 #   put every run over its control by t >= 4.9 at epoch 20 and the controls near zero. An epoch
